@@ -1,0 +1,3 @@
+"""saljax: saliency-guided training in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""A classifier as two pure functions, `features` and `head`: the form the losses differentiate.
+
+Saliency-guided losses differentiate the input gradient with respect to the parameters (double
+backprop), and the CAM losses need the last feature map `A` as well as the logits. Both are served
+by one forward pass if the model is seen as
+
+    features: x (B, H, W, C) -> (A (B, h, w, C'), state)   # state: updated BatchNorm statistics
+    head:     A (B, h', w', C') -> logits (B, K)           # GAP + Dense for the CAM methods
+
+where both functions close over the (possibly traced) parameters. `state` carries whatever the
+forward pass updates (BatchNorm running statistics in train mode), returned rather than mutated so
+that the loss stays a pure function that `jax.grad` and `jax.jit` can transform; `None` when
+nothing changes.
+
+Adapters build a `Classifier` from a Flax NNX module (split into graphdef, params and the rest),
+from a Linen module's `apply`, or from plain functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from flax import nnx
+
+Array = Any
+
+
+class Classifier(NamedTuple):
+    """A model seen as pure `features` and `head` functions (see the module docstring)."""
+
+    features: Callable[[Array], tuple[Array, Any]]
+    head: Callable[[Array], Array]
+
+    def feature_map(self, x: Array) -> Array:
+        """`A` (B, h, w, C') for inputs x (B, H, W, C), dropping the state."""
+        return self.features(x)[0]
+
+    def __call__(self, x: Array) -> Array:
+        """Logits (B, K) for inputs x (B, H, W, C)."""
+        return self.head(self.feature_map(x))
+
+
+def from_functions(features: Callable[[Array], Array], head: Callable[[Array], Array]) -> Classifier:
+    """A stateless classifier from plain functions `x -> A` and `A -> logits`."""
+    return Classifier(features=lambda x: (features(x), None), head=head)
+
+
+def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
+    """A classifier from a Flax NNX module split as `nnx.split(module, nnx.Param, ...)`.
+
+    The module must define `features(x)` and `head(A)` (every `saljax.models` model does). Each
+    call merges a fresh copy of the module, so BatchNorm statistics updated in train mode come back
+    as the new `state` (same structure as `state`) instead of being written into a shared object:
+    the forward pass may run inside `jax.vjp` nested in `jax.grad` without a TraceContextError, and
+    the statistics change exactly once per loss evaluation.
+    """
+
+    def features(x):
+        module = nnx.merge(graphdef, params, state, copy=True)
+        feature_map = module.features(x)
+        _, _, new_state = nnx.split(module, nnx.Param, ...)
+        return feature_map, new_state
+
+    def head(feature_map):
+        return nnx.merge(graphdef, params, state, copy=True).head(feature_map)
+
+    return Classifier(features=features, head=head)
+
+
+def from_linen(
+    module: Any,
+    variables: Any,
+    *,
+    features_method: str | Callable = "features",
+    head_method: str | Callable = "head",
+    mutable: Sequence[str] | bool = ("batch_stats",),
+) -> Classifier:
+    """A classifier from a Linen module whose methods compute the feature map and the head.
+
+    Collections listed in `mutable` (BatchNorm's `batch_stats` in train mode) come back as `state`;
+    pass `mutable=False` for evaluation.
+    """
+
+    def features(x):
+        if mutable:
+            return module.apply(variables, x, method=features_method, mutable=list(mutable))
+        return module.apply(variables, x, method=features_method), None
+
+    def head(feature_map):
+        return module.apply(variables, feature_map, method=head_method)
+
+    return Classifier(features=features, head=head)

@@ -1,0 +1,54 @@
+"""Tiny models shared by the tests: a linear model with known input gradients and a smooth conv net."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saljax import classifier
+
+
+def conv_features(params, x):
+    """tanh(conv3x3(x)), SAME padding: (B, H, W, C) -> (B, H, W, 3); smooth, so FD checks hold."""
+    y = jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(y + params["c"])
+
+
+def gap_dense_head(params, feature_map):
+    """Global average pooling + Dense: (B, h, w, C') -> (B, K)."""
+    return jnp.mean(feature_map, axis=(1, 2)) @ params["kernel"] + params["bias"]
+
+
+def make_conv_params(key, in_channels=1, channels=3, num_classes=2, dtype=jnp.float32):
+    k = jax.random.split(key, 4)
+    return {
+        "w": (0.6 * jax.random.normal(k[0], (3, 3, in_channels, channels))).astype(dtype),
+        "c": (0.1 * jax.random.normal(k[1], (channels,))).astype(dtype),
+        "kernel": (jax.random.normal(k[2], (channels, num_classes))).astype(dtype),
+        "bias": (0.3 * jax.random.normal(k[3], (num_classes,))).astype(dtype),
+    }
+
+
+def conv_classifier(params):
+    return classifier.from_functions(lambda x: conv_features(params, x), lambda a: gap_dense_head(params, a))
+
+
+def linear_classifier(matrix, offset):
+    """logits = flatten(x) @ matrix + offset; features are the images themselves."""
+    return classifier.from_functions(lambda x: x, lambda a: a.reshape(a.shape[0], -1) @ matrix + offset)
+
+
+def make_batch(key, b=4, h=6, w=6, c=1, num_classes=2, dtype=jnp.float32, has_map=(1, 1, 0, 1)):
+    k = jax.random.split(key, 3)
+    return {
+        "image": jax.random.normal(k[0], (b, h, w, c), dtype),
+        "label": jnp.arange(b, dtype=jnp.int32) % num_classes,
+        "saliency_map": jax.random.uniform(k[1], (b, h, w), dtype),
+        "has_map": jnp.asarray(np.resize(np.asarray(has_map, bool), b)),
+    }
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
