@@ -1,11 +1,15 @@
 """Tiny models shared by the tests: a linear model with known input gradients and a smooth conv net."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
 
-from saljax import classifier
+# Eight fake CPU devices for the data-parallel tests; must be set before any backend starts.
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from saljax import classifier  # noqa: E402
 
 
 def conv_features(params, x):

@@ -28,7 +28,8 @@ def test_train_step_lowers_the_loss():
         values.append(float(out["loss"]))
     assert int(state.step) == 16
     assert values[-1] < 0.5 * values[0]
-    assert set(out) == {"loss", "loss/ce", "loss/gradmask", "accuracy", "grad_norm"}
+    assert set(out) == {"loss", "loss/ce", "loss/gradmask", "accuracy", "grad_norm", "finite"}
+    assert bool(out["finite"])
 
 
 def test_train_step_statistics_match_a_single_forward_pass():

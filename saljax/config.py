@@ -1,0 +1,136 @@
+"""Training configs: ml_collections files with a `get_config(arg)` and command-line overrides.
+
+A config file is a Python module whose `get_config(arg: str | None)` returns a `ConfigDict`;
+`path.py:arg` passes `arg` (e.g. the method). Overrides `key.sub=value` change fields after loading;
+a value is parsed as a Python literal (numbers, booleans, tuples, None, strings in quotes) and
+falls back to a plain string, and must keep the field's type (ml_collections checks it).
+
+`defaults()` lists every field the training loop reads, with its default.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every field `saljax.train.train_and_evaluate` reads, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = ml_collections.ConfigDict({
+        "name": "decoy_digits",  # a saljax.data builder
+        "config": "default",  # its builder config
+        "overrides": ml_collections.ConfigDict(),  # builder config fields (image_size, sizes, ...)
+        "data_dir": os.environ.get("SALJAX_DATA_DIR", "~/saljax_data"),
+        "manual_dir": "",  # saliency_folder: the user's folder
+        "train_split": "train",
+        "eval_splits": ("validation", "test"),  # the first one ranks checkpoints
+        "augment": False,
+        "mean": ml_collections.FieldReference(None, field_type=float),
+        "std": ml_collections.FieldReference(None, field_type=float),
+    })
+    c.model = ml_collections.ConfigDict({
+        "name": "simple_cnn",  # saljax.models.create
+        "kwargs": ml_collections.ConfigDict(),  # e.g. width, stem, channels
+        "dtype": "float32",  # computation dtype; parameters stay float32
+        # Filled in from the dataset when training starts:
+        "num_classes": ml_collections.FieldReference(None, field_type=int),
+        "in_channels": ml_collections.FieldReference(None, field_type=int),
+    })
+    c.method = "gradmask"  # saljax.losses.for_method
+    c.loss = ml_collections.ConfigDict()  # its options: lam, alpha, reduction, ...
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "adam",  # adam | sgd
+        "learning_rate": 1e-3,
+        "momentum": 0.9,  # sgd
+        "weight_decay": 0.0,  # added to the gradient (L2), as PyTorch's SGD/Adam weight_decay
+        "decay_every": 0,  # steps between learning-rate decays (0: constant)
+        "decay_factor": 0.1,
+    })
+    c.batch_size = 32
+    c.num_steps = 500
+    c.log_every = 50
+    c.eval_every = 250  # also evaluates at the last step
+    c.eval_batch_size = 256
+    c.checkpoint = ml_collections.ConfigDict({
+        "every": 250,  # a checkpoint at each evaluation and every this many steps
+        "keep_best": 1,
+        "keep_latest": 2,
+        "best_metric": "validation/accuracy",
+        "best_mode": "max",
+        "async_save": True,
+    })
+    c.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all local devices
+    c.progress = True
+    return c
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`, merges it over `defaults()` and applies `key=value` overrides."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist (expected a Python file with get_config())")
+    module_spec = importlib.util.spec_from_file_location(f"saljax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} must define get_config(arg=None)")
+    loaded = module.get_config(arg or None)
+    config = defaults()
+    _merge(config, loaded, path)
+    apply_overrides(config, overrides)
+    return config
+
+
+def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise ValueError(f"{source}: unknown config field {name!r}; known fields: {sorted(base.keys())}")
+        if isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+            if key in ("kwargs", "overrides") or name == "loss":
+                base[key] = value  # free-form: passed on as keyword arguments
+            else:
+                _merge(base[key], value, source, f"{name}.")
+        else:
+            base[key] = value
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies `a.b.c=value` overrides in place; new keys are allowed only in free-form fields."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must have the form key=value (e.g. optimizer.learning_rate=1e-4)")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ValueError(f"override {item!r}: unknown config field {'.'.join(parents[:i + 1])!r}")
+            node = node[part]
+        free_form = parents and parents[-1] in ("kwargs", "overrides", "loss")
+        if leaf not in node and not free_form:
+            raise ValueError(f"override {item!r}: unknown config field {key!r}; fields here: {sorted(node.keys())}")
+        value = parse_value(text)
+        if leaf in node and isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if leaf in node and isinstance(node[leaf], tuple) and isinstance(value, (list, str)):
+            value = tuple(value) if isinstance(value, list) else (value,)
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(f"override {item!r}: {error}") from None
