@@ -2,6 +2,7 @@
 
     saljax demo                                    CE vs GradMask on a generated decoy set
     saljax train --config FILE.py[:ARG] --workdir DIR [key=value ...]
+    saljax explain --checkpoint DIR [--dataset NAME[:SPLIT]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and config.json")
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_steps=2000")
     tr.set_defaults(func=_train)
+    from saljax import explain
+
+    ex = sub.add_parser("explain", help="saliency maps, divergence maps and map metrics of a trained model")
+    explain.add_arguments(ex)
+    ex.set_defaults(func=explain.main)
     return parser
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import conv_classifier, conv_features, gap_dense_head, linear_classifier, make_batch, make_conv_params
 from saljax import batch as batch_lib
-from saljax import classifier, losses, saliency
+from saljax import classifier, losses
 
 B, H, W, C = 4, 5, 5, 2
 

@@ -1,0 +1,169 @@
+"""Step time of every saliency-guided loss relative to the plain cross-entropy step.
+
+Times the jit-compiled train step (`saljax.train.make_train_step`) of CE, GradMask, RRR, CYBORG
+and the three Divisive Decisions losses on the same model and batch. Steps of the different losses
+alternate (CE, GradMask, ..., CE, GradMask, ...) so that a load change on a shared machine hits
+all alike; the table reports medians after warm-up and each loss's ratio to the CE step.
+
+    python benchmarks/step_time.py                      # this machine's defaults, table to stdout
+    python benchmarks/step_time.py --write benchmarks/STEP_TIME.md
+
+`--devices N` splits the batch over N devices (on CPU: N XLA host devices, set before JAX starts);
+`--sweep-devices 1,2,4` runs one subprocess per count and compares their CE and GradMask steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+LOSSES = ("ce", "gradmask", "rrr", "cyborg", "dd_difference", "dd_paired", "dd_divergence")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18", help="saljax.models name (default resnet18)")
+    p.add_argument("--width", type=int, default=16, help="ResNet base width (default 16)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--losses", default=",".join(LOSSES))
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (each runs every loss once)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--devices", type=int, default=None, help="split the batch over N devices (CPU: host devices)")
+    p.add_argument("--sweep-devices", default=None, help="comma-separated device counts, one subprocess each")
+    p.add_argument("--json", action="store_true", help="print one JSON object (used by --sweep-devices)")
+    p.add_argument("--write", default=None, help="also write the Markdown table to this file")
+    return p.parse_args(argv)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def measure(args) -> dict:
+    if args.devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from saljax import losses, models, parallel, train
+
+    kwargs = {"width": args.width} if args.model.startswith("resnet") else {}
+    model = models.create(args.model, num_classes=2, in_channels=args.channels, rngs=nnx.Rngs(0),
+                          dtype=jnp.dtype(args.dtype), **kwargs)
+    optimizer = optax.sgd(1e-3, momentum=0.9)
+    model_def, state0 = train.init_train_state(model, optimizer)
+    mesh = parallel.make_mesh(args.devices) if args.devices else None
+    rng = np.random.default_rng(0)
+    b, s = args.batch_size, args.image_size
+    batch = {
+        "image": rng.normal(size=(b, s, s, args.channels)).astype(np.float32),
+        "label": (np.arange(b) % 2).astype(np.int32),
+        "saliency_map": (rng.uniform(size=(b, s, s)) > 0.5).astype(np.float32),
+        "has_map": np.ones(b, bool),
+    }
+    if mesh is not None:
+        batch = parallel.shard_batch(batch, mesh)
+        state0 = parallel.replicate(state0, mesh)
+    names = args.losses.split(",")
+    steps, states = {}, {}
+    for name in names:
+        steps[name] = train.make_train_step(model_def, losses.for_method(name), optimizer, mesh=mesh)
+        states[name] = jax.tree.map(jnp.copy, state0)
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            states[name], out = steps[name](states[name], batch)
+        jax.block_until_ready(out)
+        steps[name + "/compile_s"] = time.perf_counter() - start
+    times = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            start = time.perf_counter()
+            states[name], out = steps[name](states[name], batch)
+            jax.block_until_ready(out)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "medians_ms": {k: 1e3 * v for k, v in medians.items()},
+        "ratio_to_ce": {k: v / medians["ce"] for k, v in medians.items()} if "ce" in medians else {},
+        "compile_s": {name: steps[name + "/compile_s"] for name in names},
+        "devices": args.devices or 1,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+
+
+def table(args, result: dict) -> str:
+    targets = {"gradmask": 2.2, "rrr": 2.2, "cyborg": 1.1, "dd_difference": 1.1, "dd_paired": 1.1, "dd_divergence": 1.1}
+    lines = [
+        f"Model {args.model} (width {args.width}), {args.image_size}x{args.image_size}x{args.channels}, "
+        f"batch {args.batch_size}, {args.dtype}, {result['devices']} device(s), backend {result['backend']}, "
+        f"jax {result['jax']}; median of {args.repeats} alternated rounds after {args.warmup} warm-up steps.",
+        "",
+        "| loss | step (ms) | ratio to CE | target | compile (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, ms in result["medians_ms"].items():
+        ratio = result["ratio_to_ce"].get(name, float("nan"))
+        target = targets.get(name)
+        verdict = "" if target is None else (f"<= {target} " + ("met" if ratio <= target else "MISSED"))
+        lines.append(f"| {name} | {ms:.1f} | {ratio:.2f} | {verdict} | {result['compile_s'][name]:.1f} |")
+    return "\n".join(lines)
+
+
+def sweep(args) -> str:
+    rows = ["| devices | CE step (ms) | GradMask step (ms) | GradMask / CE | CE speed-up vs 1 device |",
+            "|---|---|---|---|---|"]
+    base = None
+    for n in [int(x) for x in args.sweep_devices.split(",")]:
+        cmd = [sys.executable, __file__, "--json", "--devices", str(n), "--losses", "ce,gradmask",
+               "--model", args.model, "--width", str(args.width), "--image-size", str(args.image_size),
+               "--channels", str(args.channels), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        ce, gm = out["medians_ms"]["ce"], out["medians_ms"]["gradmask"]
+        base = base or ce
+        rows.append(f"| {n} | {ce:.1f} | {gm:.1f} | {gm / ce:.2f} | {base / ce:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.sweep_devices:
+        text = sweep(args)
+    else:
+        result = measure(args)
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        text = table(args, result)
+    text = f"Machine: {_machine()}. Command: `{command.strip()}`\n\n{text}\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
