@@ -1,11 +1,15 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv with Python 3.12 when it is missing and install saljax into it.
 VENV := .venv
+# PyTorch for the baseline in baselines/torch, in its own interpreter: the CPU build of torch 2.13.0
+# for Python 3.11. The parity tests find it through SALJAX_TORCH_PYTHON.
+TORCH_VENV := .venv-torch
+PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11) /usr/local/bin/python3.11 /usr/bin/python3.11,$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1 && echo $(p))))
 # `python3.12` may be a pyenv shim that fails when 3.12 is not the selected version, so try it
 # and fall back to the interpreters pyenv and Debian install.
 PYTHON312 := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/local/bin/python3.12 /usr/bin/python3.12,$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
 
-.PHONY: demo test install clean
+.PHONY: demo test install torch-env clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg requirements.txt pyproject.toml
@@ -15,11 +19,19 @@ $(VENV)/.installed: setup.cfg requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	touch $@
 
+torch-env: $(TORCH_VENV)/.installed
+
+$(TORCH_VENV)/.installed:
+	@test -n "$(PYTHON311)" || { echo "the PyTorch baseline needs Python 3.11: none found (set PYTHON311=/path/to/python3.11)" >&2; exit 1; }
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON311) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q torch==2.13.0 numpy
+	touch $@
+
 demo: install
 	$(VENV)/bin/saljax demo
 
-test: install
-	$(VENV)/bin/python -m pytest
+test: install torch-env
+	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) build *.egg-info .pytest_cache

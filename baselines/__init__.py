@@ -1,0 +1,1 @@
+"""Reference implementations that saljax is checked and timed against (not imported by saljax)."""
