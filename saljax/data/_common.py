@@ -123,6 +123,28 @@ class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
+    def _saliency_info(
+        self,
+        description: str,
+        *,
+        height: int,
+        width: int,
+        channels: int,
+        class_names: Sequence[str],
+        group_names: Sequence[str] | None = None,
+        with_group: bool = False,
+        citation: str | None = None,
+    ) -> tfds.core.DatasetInfo:
+        """The `DatasetInfo` every saljax builder returns: the card, the saljax features."""
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=description + "\n" + describe_config(self.builder_config),
+            features=saliency_features(height=height, width=width, channels=channels, class_names=class_names,
+                                       group_names=group_names, with_group=with_group),
+            supervised_keys=("image", "label"),
+            citation=citation,
+        )
+
     def download_and_prepare(self, **kwargs: Any) -> None:  # noqa: D102 (same as TFDS)
         root = epath.Path(self.data_dir_root)
         candidates = [root, root / "downloads"]

@@ -197,20 +197,9 @@ class DecoyDigits(_common.SaliencyDatasetBuilder):
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        config = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION + "\n" + _common.describe_config(config),
-            features=_common.saliency_features(
-                height=config.image_size,
-                width=config.image_size,
-                channels=1,
-                class_names=[str(d) for d in range(10)],
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-            citation=_CITATION,
-        )
+        size = self.builder_config.image_size
+        return self._saliency_info(_DESCRIPTION, height=size, width=size, channels=1,
+                                   class_names=[str(d) for d in range(10)], citation=_CITATION)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # The digits ship with scikit-learn: nothing to download.

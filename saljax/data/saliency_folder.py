@@ -415,19 +415,9 @@ class SaliencyFolder(_common.SaliencyDatasetBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         height, width = config.height_width
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION + "\n" + _common.describe_config(config),
-            features=_common.saliency_features(
-                height=height,
-                width=width,
-                channels=config.channels,
-                class_names=config.class_names,
-                group_names=config.group_names or None,
-                with_group=True,
-            ),
-            supervised_keys=("image", "label"),
-        )
+        return self._saliency_info(_DESCRIPTION, height=height, width=width, channels=config.channels,
+                                   class_names=config.class_names, group_names=config.group_names or None,
+                                   with_group=True)
 
     def _csv_file(self, dl_manager: tfds.download.DownloadManager) -> str:
         path = self.builder_config.csv_path

@@ -222,20 +222,9 @@ class SpuriousBinary(_common.SaliencyDatasetBuilder):
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        config = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION + "\n" + _common.describe_config(config),
-            features=_common.saliency_features(
-                height=config.image_size,
-                width=config.image_size,
-                channels=3,
-                class_names=CLASS_NAMES,
-                group_names=GROUP_NAMES,
-            ),
-            supervised_keys=("image", "label"),
-            citation=_CITATION,
-        )
+        size = self.builder_config.image_size
+        return self._saliency_info(_DESCRIPTION, height=size, width=size, channels=3, class_names=CLASS_NAMES,
+                                   group_names=GROUP_NAMES, citation=_CITATION)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # Fully synthetic.
