@@ -173,6 +173,12 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _float(values: Array) -> Array:
+    """Float32 at least: float64 maps stay float64 for float64 losses."""
+    values = jnp.asarray(values)
+    return values.astype(jnp.promote_types(values.dtype, jnp.float32))
+
+
 def _masked_mean(per_sample: Array, weights: Array) -> Array:
     """`sum_n w_n v_n / max(sum_n w_n, 1)`: mean over the samples that carry a map (0 if none)."""
     return jnp.sum(weights * per_sample) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -201,7 +207,7 @@ def _blur(maps: Array, sigma: float) -> Array:
 
 def _map_at(batch: Batch, size: tuple[int, int], antialias: bool) -> Array:
     """The saliency map (B, h, w), bilinearly resized to `size` when it has another resolution."""
-    maps = jnp.asarray(batch[batch_lib.SALIENCY_MAP]).astype(jnp.float32)
+    maps = _float(batch[batch_lib.SALIENCY_MAP])
     if maps.shape[1:] == size:
         return maps
     # antialias=False matches torch.nn.functional.interpolate(mode="bilinear", align_corners=False).
@@ -227,7 +233,7 @@ def cross_entropy(weight: float = 1.0, *, reduction: str = "mean", name: str = "
 
 def _outside_mask(batch: Batch, dilation: int = 0, blur: float = 0.0) -> Array:
     """`1 - H` (B, H, W, 1): where saliency is not allowed."""
-    maps = jnp.asarray(batch[batch_lib.SALIENCY_MAP]).astype(jnp.float32)
+    maps = _float(batch[batch_lib.SALIENCY_MAP])
     maps = _blur(_dilate(maps, dilation), blur)
     return (1.0 - maps)[..., None]
 

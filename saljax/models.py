@@ -18,7 +18,7 @@ interface, which the saliency and loss code of saljax relies on:
         z_c = b_c + mean_ij CAM_c(i, j),   CAM_c = sum_k W[k, c] * A[..., k]
 
     and ``model.head(A[:, i:i+1, j:j+1, :]) - b`` is the class activation map at
-    pixel ``(i, j)``. The head always runs in float32 (the features are cast up
+    pixel ``(i, j)``. The head runs in float32 at least (the features are cast up
     first): it is one small matmul, and it makes the CAM identity hold to float32
     precision even with bfloat16 compute.
 ``__call__(x) = head(features(x))``
@@ -92,8 +92,10 @@ dtypes
 ``param_dtype`` (default float32) is the dtype of the parameters; ``dtype``
 (default float32) is the computation dtype of convolutions and BatchNorm, e.g.
 ``dtype=jnp.bfloat16`` for bfloat16 compute with float32 parameters. BatchNorm
-computes batch statistics in float32 and keeps the running statistics in float32
-whatever ``dtype`` is. Logits are always float32.
+computes batch statistics in float32 at least, and flax keeps the running statistics
+in float32 whatever ``dtype`` and ``param_dtype`` are (a float64 model rounds them, and
+JAX warns about the float64 -> float32 update). Logits are float32, float64 for float64
+parameters.
 
 Porting weights from PyTorch: conv kernels are HWIO here (``torch_weight.permute(2,
 3, 1, 0)``), dense kernels are ``(in, out)`` (``torch_weight.T``), and the
@@ -328,9 +330,10 @@ class _Classifier(nnx.Module):
         Works for any spatial size ``h, w >= 1``; on a ``(B, 1, 1, C')`` map it is
         exactly ``model.classifier`` applied to that vector.
         """
-        a = self._check_feature_map(a).astype(jnp.float32)
+        dtype = self.classifier.dtype  # at least float32 (see module doc)
+        a = self._check_feature_map(a).astype(dtype)
         pooled = jnp.mean(a, axis=(1, 2))  # (B, C')
-        return self.classifier(pooled).astype(jnp.float32)
+        return self.classifier(pooled).astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``head(features(x))``: ``(B, H, W, in_channels) -> (B, num_classes)`` float32."""
@@ -340,9 +343,10 @@ class _Classifier(nnx.Module):
 def _classifier_linear(
     in_features: int, num_classes: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs
 ) -> nnx.Linear:
-    # Runs in float32 whatever the compute dtype (see module doc). Default flax init.
+    # Runs in float32, or float64 for float64 parameters, whatever the compute dtype (see module
+    # doc). Default flax init.
     return nnx.Linear(
-        in_features, num_classes, dtype=jnp.float32, param_dtype=param_dtype,
+        in_features, num_classes, dtype=jnp.promote_types(param_dtype, jnp.float32), param_dtype=param_dtype,
         kernel_init=_dense_kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs,
     )
 
@@ -452,7 +456,8 @@ class SimpleCNN(_Classifier):
             self.input_size = size
             self.feature_shape = (h, w, self.feature_channels)
             self.hidden = nnx.Linear(
-                h * w * self.feature_channels, self.mlp_hidden, dtype=jnp.float32,
+                h * w * self.feature_channels, self.mlp_hidden,
+                dtype=jnp.promote_types(self.param_dtype, jnp.float32),
                 param_dtype=self.param_dtype, kernel_init=_dense_kernel_init,
                 bias_init=nnx.initializers.zeros, rngs=rngs,
             )
@@ -484,9 +489,10 @@ class SimpleCNN(_Classifier):
                 f"head_type='mlp' with input_size={self.input_size}, got shape "
                 f"{tuple(a.shape)}"
             )
-        flat = a.astype(jnp.float32).reshape(a.shape[0], -1)
+        dtype = self.classifier.dtype
+        flat = a.astype(dtype).reshape(a.shape[0], -1)
         hidden = self.activation(self.hidden(flat))
-        return self.classifier(hidden).astype(jnp.float32)
+        return self.classifier(hidden).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------

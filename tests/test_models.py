@@ -347,3 +347,10 @@ def test_input_gradient_matches_finite_differences_with_smooth_activation():
     minus, _ = logit_and_grad(model, x - eps * direction)
     fd = (plus - minus) / (2 * eps)
     np.testing.assert_allclose(fd, jnp.vdot(grad, direction), rtol=1e-2, atol=1e-4)
+
+
+def test_float64_models_keep_float64_logits():
+    with jax.enable_x64(True):
+        model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4,), dtype=jnp.float64,
+                                 param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        assert model(jnp.ones((1, 8, 8, 1), jnp.float64)).dtype == jnp.float64
