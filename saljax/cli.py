@@ -3,6 +3,7 @@
     saljax demo                                    CE vs GradMask on a generated decoy set
     saljax train --config FILE.py[:ARG] --workdir DIR [key=value ...]
     saljax explain --checkpoint DIR [--dataset NAME[:SPLIT]] [--out DIR]
+    saljax experiment SUITE [--seeds N] [--quick] [key=value ...]
 """
 
 from __future__ import annotations
@@ -63,11 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="saliency maps, divergence maps and map metrics of a trained model")
     explain.add_arguments(ex)
     ex.set_defaults(func=explain.main)
+    from saljax import experiment
+
+    exp = sub.add_parser("experiment", help="every method of a benchmark over seeds: result tables and figures")
+    experiment.add_arguments(exp)
+    exp.set_defaults(func=experiment.main)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # key=value overrides may also follow options given after the positional arguments.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    args.argv = argv
     if getattr(args, "steps", 1) < 1:
         print(f"saljax: --steps must be >= 1; got {args.steps}", file=sys.stderr)
         return 2

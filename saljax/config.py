@@ -73,11 +73,7 @@ def defaults() -> ml_collections.ConfigDict:
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]`, merges it over `defaults()` and applies `key=value` overrides."""
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist (expected a Python file with get_config())")
-    module_spec = importlib.util.spec_from_file_location(f"saljax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} must define get_config(arg=None)")
     loaded = module.get_config(arg or None)
@@ -85,6 +81,16 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     _merge(config, loaded, path)
     apply_overrides(config, overrides)
     return config
+
+
+def load_module(path: str):
+    """Executes a config file and returns it as a module."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist (expected a Python file with get_config())")
+    module_spec = importlib.util.spec_from_file_location(f"saljax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict, source: str, prefix: str = "") -> None:

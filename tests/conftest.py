@@ -12,6 +12,20 @@ import pytest  # noqa: E402
 from saljax import classifier  # noqa: E402
 
 
+# Tiny versions of the benchmark datasets and models (config overrides): seconds, not minutes, on 2 cores.
+TINY = {
+    "decoy_digits": ["dataset.overrides.image_size=16", "dataset.overrides.max_examples=120",
+                     "model.kwargs.channels=(8,8,8,8)"],
+    "synthetic_distractor": ["dataset.overrides.image_size=16", "dataset.overrides.num_train=48",
+                             "dataset.overrides.num_validation=16", "dataset.overrides.num_test=16",
+                             "model.name='simple_cnn'", "model.kwargs={'channels': (8, 8, 8, 8)}"],
+    "spurious_binary": ["dataset.overrides.image_size=16", "dataset.overrides.num_train=48",
+                        "dataset.overrides.num_validation=16", "dataset.overrides.num_test_closed=16",
+                        "dataset.overrides.num_test_open=16", "model.name='simple_cnn'",
+                        "model.kwargs={'channels': (8, 8, 8, 8)}"],
+}
+
+
 def conv_features(params, x):
     """tanh(conv3x3(x)), SAME padding: (B, H, W, C) -> (B, H, W, 3); smooth, so FD checks hold."""
     y = jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

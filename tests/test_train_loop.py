@@ -11,23 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TINY
 from saljax import checkpoint, cli, config, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
-
-# Tiny versions of the benchmark datasets and models: seconds, not minutes, on 2 cores.
-TINY = {
-    "decoy_digits": ["dataset.overrides.image_size=16", "dataset.overrides.max_examples=120",
-                     "model.kwargs.channels=(8,8,8,8)"],
-    "synthetic_distractor": ["dataset.overrides.image_size=16", "dataset.overrides.num_train=48",
-                             "dataset.overrides.num_validation=16", "dataset.overrides.num_test=16",
-                             "model.name='simple_cnn'", "model.kwargs={'channels': (8, 8, 8, 8)}"],
-    "spurious_binary": ["dataset.overrides.image_size=16", "dataset.overrides.num_train=48",
-                        "dataset.overrides.num_validation=16", "dataset.overrides.num_test_closed=16",
-                        "dataset.overrides.num_test_open=16", "model.name='simple_cnn'",
-                        "model.kwargs={'channels': (8, 8, 8, 8)}"],
-}
 
 
 def _args(dataset, method, workdir, data_dir, *extra):

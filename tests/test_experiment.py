@@ -1,0 +1,118 @@
+"""Experiment suites: statistics, the results pages (committed ones included) and a CLI smoke run."""
+
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from saljax import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+SUITES = ("decoy_digits", "synthetic_distractor", "spurious_binary")
+
+
+def test_summarize_mean_std_and_t_interval():
+    s = experiment.summarize([1.0, 2.0, 3.0, float("nan")])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
+    half = 4.302652729749464 / math.sqrt(3)  # t_{0.975, 2} * std / sqrt(n)
+    np.testing.assert_allclose([s["ci_low"], s["ci_high"]], [2.0 - half, 2.0 + half], rtol=1e-9)
+    one = experiment.summarize([0.5])
+    assert one["std"] == 0.0 and math.isnan(one["ci_low"])
+    assert experiment.summarize([])["n"] == 0
+
+
+def test_cells_round_trip():
+    stats = experiment.summarize([0.91, 0.93, 0.95])
+    parsed = experiment.parse_cell(experiment.format_cell(stats))
+    for key in ("mean", "std", "ci_low", "ci_high"):
+        assert abs(parsed[key] - stats[key]) <= 5e-4
+    assert experiment.parse_cell(experiment.format_cell(experiment.summarize([]))) == {"n": 0}
+
+
+def test_every_suite_config_defines_its_methods_and_targets():
+    for name in SUITES:
+        suite = experiment.load_suite(experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{name}.py")))
+        assert suite.name == name and suite.splits[0] == "validation"
+        assert {"ce", "gradmask", "gradmask_midl", "rrr", "cyborg", "cyborg_pred"} <= set(suite.methods)
+        assert suite.targets
+    binary = experiment.load_suite(os.path.join(ROOT, "experiments", "configs", "spurious_binary.py"))
+    assert {"dd_difference", "dd_paired", "dd_divergence"} <= set(binary.methods)
+    assert {"test_closed", "test_open"} <= set(binary.splits)
+
+
+def test_unknown_suite_and_method_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no suite named 'nope'"):
+        experiment.find_config("nope")
+    single = tmp_path / "single.py"
+    single.write_text("def get_config(arg=None):\n    return None\n")
+    with pytest.raises(ValueError, match="has no get_suite"):
+        experiment.load_suite(str(single))
+    path = os.path.join(ROOT, "experiments", "configs", "decoy_digits.py")
+    with pytest.raises(ValueError, match=r"--methods \['dd_paired'\] not in suite 'decoy_digits'"):
+        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=1, methods=["dd_paired"])
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=0)
+
+
+def _check_page(md_path, min_seeds):
+    """The page parses, its cells are the statistics of the runs in the JSON beside it."""
+    with open(md_path) as f:
+        text = f.read()
+    with open(md_path[:-3] + ".json") as f:
+        report = json.load(f)
+    assert f"Made by `{report['command']}`" in text and report["command"].startswith("saljax experiment ")
+    assert len(report["provenance"]["commit"]) == 40
+    tables = experiment.parse_markdown_tables(text)
+    splits = {k.split("/")[0] for row in report["table"].values() for k in row}
+    assert set(tables) == splits
+    for split, rows in tables.items():
+        assert set(rows) == set(report["runs"])
+        for method, cells in rows.items():
+            runs = report["runs"][method]
+            assert len(runs) >= min_seeds and sorted(r["seed"] for r in runs) == list(range(len(runs)))
+            for metric, cell in cells.items():
+                values = [r["metrics"][f"{split}/{metric}"] for r in runs]
+                parsed = experiment.parse_cell(cell)
+                if parsed == {"n": 0}:
+                    assert not any(math.isfinite(v) for v in values)
+                    continue
+                assert abs(parsed["mean"] - np.nanmean(values)) <= 5e-4, (md_path, split, method, metric)
+    for figure in report["figures"]:
+        assert os.path.isfile(os.path.join(os.path.dirname(md_path), figure)), figure
+    return report
+
+
+def test_committed_result_tables_parse_and_match_their_runs():
+    pages = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(RESULTS, "*.md"))}
+    assert set(SUITES) <= set(pages), f"missing results pages in {RESULTS}: {set(SUITES) - set(pages)}"
+    for name in SUITES:
+        report = _check_page(pages[name], min_seeds=5)
+        assert report["suite"] == name
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_method_runs_through_the_cli(suite, tmp_path):
+    exe = shutil.which("saljax", path=os.path.dirname(sys.executable))
+    command = [exe] if exe else [sys.executable, "-m", "saljax.cli"]
+    out = tmp_path / "out"
+    command += ["experiment", suite, "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--out", str(out),
+                f"dataset.data_dir={str(tmp_path / 'data')!r}", "num_steps=3", "eval_every=3", "log_every=1",
+                "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _check_page(str(out / f"{suite}.md"), min_seeds=1)
+    methods = experiment.load_suite(experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{suite}.py"))).methods
+    assert list(report["runs"]) == list(methods)
+    for method, runs in report["runs"].items():
+        assert all(math.isfinite(v) for v in runs[0]["metrics"].values()), (method, runs[0]["metrics"])
+    assert len(report["figures"]) == 3
+    assert "| method |" in done.stdout  # the table is printed
