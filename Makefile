@@ -28,7 +28,7 @@ $(TORCH_VENV)/.installed:
 	touch $@
 
 demo: install
-	$(VENV)/bin/saljax demo
+	$(VENV)/bin/saljax experiment decoy_digits --quick
 
 test: install torch-env
 	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest
