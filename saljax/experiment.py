@@ -382,15 +382,6 @@ def parse_cell(cell: str) -> dict[str, float]:
 # --- figures ------------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: Callable[[str], str],
                   *, num_images: int = 6, split: str | None = None) -> list[str]:
     """Saliency of the same test images under each method's seed-0 model, one PNG per map kind.
@@ -413,10 +404,10 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
             for m, (model, _) in models.items()}
     written = []
     for kind in OVERLAY_MAPS:
-        fig = _figure(1.6 * n + 1.2, 1.6 * (len(methods) + 1))
+        fig = explain._figure(1.6 * n + 1.2, 1.6 * (len(methods) + 1))  # noqa: SLF001
         grid = fig.subplots(len(methods) + 1, n, squeeze=False)
         for j in range(n):
-            gray = explain._gray(batch["image"][j])  # noqa: SLF001 - same display as saljax explain
+            gray = explain._gray(batch["image"][j])  # noqa: SLF001
             mask = batch["saliency_map"][j] >= 0.5
             for i, method in enumerate([None, *methods]):
                 ax = grid[i, j]
@@ -444,9 +435,10 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
 
 def plot_curves(suite: Suite, workdir: str, results: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> str:
     """Training loss and `suite.curve_metric` against the step: mean over seeds, band = min..max."""
+    from saljax import explain
     from saljax.writers import read_metrics
 
-    fig = _figure(10, 3.6)
+    fig = explain._figure(10, 3.6)  # noqa: SLF001 - the figure setup of saljax explain
     ax_loss, ax_eval = fig.subplots(1, 2)
     for method, runs in results.items():
         for ax, key in ((ax_loss, "train/loss"), (ax_eval, suite.curve_metric)):
