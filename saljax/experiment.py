@@ -497,6 +497,9 @@ def run(args, argv: Sequence[str]) -> int:
     os.makedirs(os.path.join(out, name), exist_ok=True)
     os.makedirs(workdir, exist_ok=True)
     _enable_compilation_cache(workdir)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about custom configs at every run
     print(f"saljax experiment {suite.name}: {len(args.methods or suite.methods)} methods x {seeds} seeds"
           f" in {workdir}", flush=True)
     results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=args.methods,
