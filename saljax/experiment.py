@@ -386,15 +386,17 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
                   *, num_images: int = 6, split: str | None = None) -> list[str]:
     """Saliency of the same test images under each method's seed-0 model, one PNG per map kind.
 
-    Rows: the image with the human map's outline, then one row per method; the map is |gradient|
-    (channel max) or Grad-CAM of the true class, min-max scaled per image. Returns the paths written.
+    The images come from the dataset most methods train on. Rows: the image with the human map's
+    outline, then one row per method: the input gradient (reduced over channels as `saljax explain`
+    does) or Grad-CAM of the true class, min-max scaled per image. Returns the paths written.
     """
     from saljax import checkpoint, data, explain
 
     split = split or suite.splits[-1]
     models = {m: checkpoint.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
-    _, cfg = next(iter(models.values()))
-    ds = cfg.dataset
+    # The benchmark's dataset is the one most methods train on (not a clean-data reference's).
+    datasets = [cfg.dataset for _, cfg in models.values()]
+    ds = max(datasets, key=lambda d: sum(d.to_json() == e.to_json() for e in datasets))
     builder = data.build(ds.name, os.path.expanduser(ds.data_dir), ds.config or None,
                          manual_dir=ds.manual_dir or None, **ds.overrides)
     batch = next(iter(data.make_loader(builder, split, num_images, shuffle=False, num_epochs=1,
