@@ -211,6 +211,7 @@ def run_suite(
                 results[method].append(previous)
                 log(f"[{done}/{total}] {method} seed {seed}: done earlier")
                 continue
+            _check_no_other_run(path, wanted)
             start = time.perf_counter()
             metrics = train.train_and_evaluate(cfg, path, log=lambda _: None)
             result = {"seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - start,
@@ -223,15 +224,29 @@ def run_suite(
     return results
 
 
-def _same_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     # num_classes / in_channels are filled in by training; compare the rest.
-    def strip(c):
-        c = json.loads(json.dumps(c))
-        for k in ("num_classes", "in_channels"):
-            c.get("model", {}).pop(k, None)
-        return c
+    c = json.loads(json.dumps(config, default=str))
+    for k in ("num_classes", "in_channels"):
+        c.get("model", {}).pop(k, None)
+    return c
 
-    return strip(old) == strip(new)
+
+def _same_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return _comparable(old) == _comparable(new)
+
+
+def _check_no_other_run(path: str, wanted: Mapping[str, Any]) -> None:
+    """Refuses to resume (or evaluate) a run that another config left in `path`."""
+    from saljax import checkpoint
+
+    if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+        return
+    old, new = _comparable(checkpoint.load_config(path).to_dict()), _comparable(wanted)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(f"{path} holds a run of another config (differing fields: {', '.join(changed)});"
+                         " pass another --workdir or remove that directory")
 
 
 def _headline(suite: Suite) -> list[str]:

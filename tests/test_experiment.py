@@ -62,6 +62,16 @@ def test_unknown_suite_and_method_are_clear_errors(tmp_path):
         experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=0)
 
 
+def test_a_run_of_another_config_is_not_resumed(tmp_path):
+    from saljax import checkpoint, config
+
+    path = os.path.join(ROOT, "experiments", "configs", "decoy_digits.py")
+    other = config.load(f"{path}:ce", ["seed=0", "progress=False", "num_steps=7"])
+    checkpoint.save_config(experiment.run_dir(str(tmp_path), "ce", 0), other)
+    with pytest.raises(ValueError, match=r"seed0 holds a run of another config \(differing fields: num_steps\)"):
+        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=1, methods=["ce"])
+
+
 def _check_page(md_path, min_seeds):
     """The page parses, its cells are the statistics of the runs in the JSON beside it."""
     with open(md_path) as f:
