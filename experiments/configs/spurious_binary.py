@@ -3,7 +3,8 @@
     saljax train --config experiments/configs/spurious_binary.py:dd_paired --workdir runs/spurious_dd_paired
 
 The argument picks the method (`saljax.losses.METHODS`; the CAM methods use their METHODS.md
-defaults). Evaluated on `test_closed` (cue broken, training attack types) and `test_open` (cue
+defaults), and `clean` trains CE where the cue is as likely on either class in training (the
+reference). Evaluated on `test_closed` (cue broken, training attack types) and `test_open` (cue
 broken, attack types never seen in training); checkpoints are ranked by validation AUC. For the
 ResNet-18 of the papers: `model.name='resnet18' model.kwargs={'width': 16, 'stem': 'cifar'}`.
 
@@ -16,7 +17,7 @@ import ml_collections
 
 from saljax.experiment import Suite, Target
 
-METHODS = ("ce", "gradmask", "gradmask_midl", "rrr", "cyborg", "cyborg_pred", "dd_difference", "dd_paired",
+METHODS = ("clean", "ce", "gradmask", "gradmask_midl", "rrr", "cyborg", "cyborg_pred", "dd_difference", "dd_paired",
            "dd_divergence")
 
 
@@ -26,8 +27,10 @@ def get_config(arg=None):
     c.dataset = ml_collections.ConfigDict({"name": "spurious_binary", "config": "default",
                                            "overrides": ml_collections.ConfigDict({"image_size": 32}),
                                            "eval_splits": ("validation", "test_closed", "test_open")})
+    if method == "clean":
+        c.dataset.overrides.cue_correlation = 0.5
     c.model = ml_collections.ConfigDict({"name": "simple_cnn"})
-    c.method = method
+    c.method = "ce" if method == "clean" else method
     c.loss = ml_collections.ConfigDict({"lam": 10.0, "reduction": "mean"} if method in ("gradmask", "gradmask_midl", "rrr") else {})
     # CYBORG's optimiser: SGD with momentum, small weight decay, batch 20.
     c.optimizer = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.005, "momentum": 0.9, "weight_decay": 1e-6})
