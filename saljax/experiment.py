@@ -445,7 +445,7 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
         fig.suptitle(f"{suite.name}: {kind.replace('_', ' ')} saliency on {split} images (seed 0; cyan: human map)",
                      fontsize=9)
         path = path_for(f"overlays_{kind}.png")
-        fig.savefig(path)
+        fig.savefig(path, dpi=72)  # noisy images compress badly: keep the committed PNGs small
         written.append(path)
     return written
 
@@ -511,7 +511,7 @@ def run(args, argv: Sequence[str]) -> int:
     else:
         out = os.path.join(os.path.dirname(os.path.abspath(config_path)), os.pardir, "results")
     out = os.path.normpath(out)
-    os.makedirs(os.path.join(out, name), exist_ok=True)
+    os.makedirs(os.path.join(out, name) if not args.no_figures else out, exist_ok=True)
     os.makedirs(workdir, exist_ok=True)
     _enable_compilation_cache(workdir)
     from absl import logging as absl_logging
