@@ -445,9 +445,21 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
         fig.suptitle(f"{suite.name}: {kind.replace('_', ' ')} saliency on {split} images (seed 0; cyan: human map)",
                      fontsize=9)
         path = path_for(f"overlays_{kind}.png")
-        fig.savefig(path, dpi=72)  # noisy images compress badly: keep the committed PNGs small
+        _save_small_png(fig, path)
         written.append(path)
     return written
+
+
+def _save_small_png(fig, path: str) -> None:
+    # Noisy images compress badly as RGBA; a 256-colour palette keeps the committed PNGs small.
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def plot_curves(suite: Suite, workdir: str, results: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> str:
