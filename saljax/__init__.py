@@ -9,6 +9,10 @@ Modules, one concept each:
   train       jit-compiled train and eval steps
   metrics     accuracy, ROC AUC, agreement of saliency with human maps
   data        TFDS builders and grain pipelines (import `saljax.data` explicitly)
+
+Imported on demand (they pull in Orbax, grain, matplotlib): `parallel` (meshes and sharding),
+`checkpoint` (Orbax checkpoints), `config` (training configs), `explain` (`saljax explain`),
+`experiment` (`saljax experiment`: every method of a benchmark over seeds, result pages).
 """
 
 __version__ = "0.1.0"
