@@ -197,6 +197,23 @@ def save_config(directory: str | os.PathLike[str], config: Any) -> None:
         f.write(config.to_json(indent=2, sort_keys=True) if hasattr(config, "to_json") else json.dumps(config, indent=2))
 
 
+def config_changes(old: Any, new: Any) -> list[str]:
+    """The top-level fields in which two training configs (ConfigDicts or dicts) differ, sorted.
+
+    `model.num_classes` and `model.in_channels` are ignored: training fills them in from the
+    dataset, so a config before training and the same config after it compare equal.
+    """
+
+    def plain(config: Any) -> dict[str, Any]:
+        c = json.loads(config.to_json() if hasattr(config, "to_json") else json.dumps(config, default=str))
+        for key in ("num_classes", "in_channels"):
+            c.get("model", {}).pop(key, None)
+        return c
+
+    a, b = plain(old), plain(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def load_config(directory: str | os.PathLike[str]):
     """The `ml_collections.ConfigDict` a run in `directory` was trained with."""
     import ml_collections

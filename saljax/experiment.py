@@ -188,15 +188,10 @@ def run_suite(
     Each result is `{"seed", "metrics": {split/metric: value}, "wall_s", "config"}`, also written
     to the run's `result.json`. A run that finished with the same config is not trained again.
     """
+    from saljax import checkpoint, train
     from saljax import config as config_lib
-    from saljax import train
 
-    methods = tuple(methods or suite.methods)
-    unknown = [m for m in methods if m not in suite.methods]
-    if unknown:
-        raise ValueError(f"--methods {unknown} not in suite {suite.name!r}; it has {list(suite.methods)}")
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1; got {seeds}")
+    methods = _check_selection(suite, methods, seeds)
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     total = len(methods) * seeds
     done = 0
@@ -206,12 +201,11 @@ def run_suite(
             cfg = config_lib.load(f"{config_path}:{method}", [*overrides, f"seed={seed}", "progress=False"])
             path = run_dir(workdir, method, seed)
             previous = _read_result(path)
-            wanted = json.loads(cfg.to_json())
-            if previous is not None and _same_config(previous["config"], wanted):
+            if previous is not None and not checkpoint.config_changes(previous["config"], cfg):
                 results[method].append(previous)
                 log(f"[{done}/{total}] {method} seed {seed}: done earlier")
                 continue
-            _check_no_other_run(path, wanted)
+            _check_no_other_run(path, cfg)
             start = time.perf_counter()
             metrics = train.train_and_evaluate(cfg, path, log=lambda _: None)
             result = {"seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - start,
@@ -224,26 +218,24 @@ def run_suite(
     return results
 
 
-def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    # num_classes / in_channels are filled in by training; compare the rest.
-    c = json.loads(json.dumps(config, default=str))
-    for k in ("num_classes", "in_channels"):
-        c.get("model", {}).pop(k, None)
-    return c
+def _check_selection(suite: Suite, methods: Sequence[str] | None, seeds: int) -> tuple[str, ...]:
+    """The methods to run (all of the suite's by default), after checking them and `seeds`."""
+    methods = tuple(methods or suite.methods)
+    unknown = [m for m in methods if m not in suite.methods]
+    if unknown:
+        raise ValueError(f"--methods {unknown} not in suite {suite.name!r}; it has {list(suite.methods)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1; got {seeds}")
+    return methods
 
 
-def _same_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    return _comparable(old) == _comparable(new)
-
-
-def _check_no_other_run(path: str, wanted: Mapping[str, Any]) -> None:
+def _check_no_other_run(path: str, wanted: Any) -> None:
     """Refuses to resume (or evaluate) a run that another config left in `path`."""
     from saljax import checkpoint
 
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
         return
-    old, new = _comparable(checkpoint.load_config(path).to_dict()), _comparable(wanted)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = checkpoint.config_changes(checkpoint.load_config(path), wanted)
     if changed:
         raise ValueError(f"{path} holds a run of another config (differing fields: {', '.join(changed)});"
                          " pass another --workdir or remove that directory")
@@ -512,7 +504,8 @@ def run(args, argv: Sequence[str]) -> int:
     """`saljax experiment` (see `add_arguments`)."""
     config_path = find_config(args.suite)
     suite = load_suite(config_path)
-    seeds = args.seeds or (suite.quick_seeds if args.quick else 5)
+    seeds = args.seeds if args.seeds is not None else (suite.quick_seeds if args.quick else 5)
+    methods = _check_selection(suite, args.methods, seeds)  # before any directory or cache is touched
     overrides = [*(suite.quick if args.quick else ()), *args.overrides]
     name = suite.name + ("-quick" if args.quick else "")
     workdir = os.path.abspath(args.workdir or os.path.join("runs", "experiments", name))
@@ -529,9 +522,8 @@ def run(args, argv: Sequence[str]) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about custom configs at every run
-    print(f"saljax experiment {suite.name}: {len(args.methods or suite.methods)} methods x {seeds} seeds"
-          f" in {workdir}", flush=True)
-    results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=args.methods,
+    print(f"saljax experiment {suite.name}: {len(methods)} methods x {seeds} seeds in {workdir}", flush=True)
+    results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=methods,
                         log=lambda s: print(s, flush=True))
     table = aggregate(suite, results)
     means = {m: {k: s["mean"] for k, s in row.items()} for m, row in table.items()}

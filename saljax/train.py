@@ -15,7 +15,6 @@ makes one forward pass), the eval step in eval mode (running statistics).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -356,8 +355,6 @@ def _warn_if_config_changed(workdir: str, config, log) -> None:
 
     if not os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
         return
-    old = checkpoint.load_config(workdir).to_dict()
-    new = json.loads(config.to_json())
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = checkpoint.config_changes(checkpoint.load_config(workdir), config)
     if changed:
         log(f"warning: {workdir} was trained with another config; changed fields: {', '.join(changed)}")

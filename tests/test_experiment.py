@@ -62,6 +62,13 @@ def test_unknown_suite_and_method_are_clear_errors(tmp_path):
         experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=0)
 
 
+def test_seeds_zero_on_the_command_line_is_an_error(tmp_path, capsys):
+    from saljax import cli
+
+    assert cli.main(["experiment", "decoy_digits", "--seeds", "0", "--workdir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--seeds must be >= 1; got 0" in capsys.readouterr().err
+
+
 def test_a_run_of_another_config_is_not_resumed(tmp_path):
     from saljax import checkpoint, config
 

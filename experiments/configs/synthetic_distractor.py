@@ -5,9 +5,9 @@ that flips at test; 64x64): SimpleCNN, one method, 2-class head.
 
 The argument picks the method (`saljax.losses.METHODS`), and `clean` trains CE where the distractor
 agrees with the label only half the time in training (it carries no information: the reference).
-Test AUC is the figure of merit. For the
-ResNet-18 of GradMask's follow-up: `model.name='resnet18' model.kwargs={'width': 16, 'stem': 'cifar'}
-` (hours on 2 CPU cores for a whole suite; minutes on a GPU).
+Test AUC is the figure of merit. For the ResNet-18 of GradMask's follow-up:
+`model.name='resnet18' model.kwargs={'width': 16, 'stem': 'cifar'}` (hours on 2 CPU cores for a
+whole suite; minutes on a GPU).
 
 The suite (every method over seeds, tables and figures in experiments/results/):
 
@@ -61,7 +61,8 @@ def get_suite():
             "Validation carries the distractor like train, so validation AUC cannot see the shortcut; "
             "`saliency_inside` (share of input-gradient energy inside the lesion) can, and it chose lam for "
             "the gradient penalties (single probe runs of 300 steps, validation share inside: lam = 100 0.14 at "
-            "32x32; lam = 1000 0.57 at 32x32, 0.75 at 48x48 and 0.79 at 64x64; lam = 10000 0.55 at 32x32). Other settings are fixed a priori: Adam 1e-3, batch 32, 400 steps, METHODS.md "
+            "32x32; lam = 1000 0.57 at 32x32, 0.75 at 48x48 and 0.79 at 64x64; lam = 10000 0.55 at 32x32). "
+            "Other settings are fixed a priori: Adam 1e-3, batch 32, 400 steps, METHODS.md "
             "defaults for the CAM losses. SimpleCNN instead of the follow-up's ResNet-18 keeps a 45-run suite "
             "within about an hour on 2 CPU cores."
         ),
