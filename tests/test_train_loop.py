@@ -181,3 +181,12 @@ def test_config_overrides_and_errors(tmp_path, capsys):
     assert "missing.py does not exist" in capsys.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.load_model(tmp_path / "nowhere")
+
+
+def test_config_changes_names_fields_and_ignores_what_training_fills_in():
+    before = config.load(os.path.join(CONFIGS, "decoy_digits.py:ce"))
+    after = config.load(os.path.join(CONFIGS, "decoy_digits.py:ce"), ["num_steps=7"])
+    with after.unlocked():
+        after.model.num_classes, after.model.in_channels = 10, 1
+    assert checkpoint.config_changes(before, after) == ["num_steps"]
+    assert checkpoint.config_changes(json.loads(before.to_json()), before) == []
