@@ -10,6 +10,9 @@ all alike; the table reports medians after warm-up and each loss's ratio to the 
 
 `--devices N` splits the batch over N devices (on CPU: N XLA host devices, set before JAX starts);
 `--sweep-devices 1,2,4` runs one subprocess per count and compares their CE and GradMask steps.
+`--conv both` also times every loss on the same model with every convolution as
+`lax.conv_general_dilated` (what saljax's models use off CPU and for stride 1), interleaved with
+the default steps, and adds that form's ratios and the speed-up of saljax's CPU form over it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--devices", type=int, default=None, help="split the batch over N devices (CPU: host devices)")
     p.add_argument("--sweep-devices", default=None, help="comma-separated device counts, one subprocess each")
+    p.add_argument("--conv", default="saljax", choices=("saljax", "both"),
+                   help="'both': also time each loss with lax.conv_general_dilated for every conv")
     p.add_argument("--json", action="store_true", help="print one JSON object (used by --sweep-devices)")
     p.add_argument("--write", default=None, help="also write the Markdown table to this file")
     return p.parse_args(argv)
@@ -84,10 +89,21 @@ def measure(args) -> dict:
     if mesh is not None:
         batch = parallel.shard_batch(batch, mesh)
         state0 = parallel.replicate(state0, mesh)
-    names = args.losses.split(",")
+    losses_ = args.losses.split(",")
+    defs = {"": model_def}
+    if args.conv == "both":
+        # Same parameters, every nnx.Conv switched to XLA's convolution (a static attribute, so
+        # only the graph definition changes).
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Conv):
+                node.conv_general_dilated = jax.lax.conv_general_dilated
+        defs["@lax"] = train.init_train_state(model, optimizer)[0]
+    names = [loss + suffix for loss in losses_ for suffix in defs]
     steps, states = {}, {}
     for name in names:
-        steps[name] = train.make_train_step(model_def, losses.for_method(name), optimizer, mesh=mesh)
+        loss, _, suffix = name.partition("@")
+        step_def = defs["@" + suffix if suffix else ""]
+        steps[name] = train.make_train_step(step_def, losses.for_method(loss), optimizer, mesh=mesh)
         states[name] = jax.tree.map(jnp.copy, state0)
         start = time.perf_counter()
         for _ in range(args.warmup):
@@ -104,7 +120,9 @@ def measure(args) -> dict:
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
         "medians_ms": {k: 1e3 * v for k, v in medians.items()},
-        "ratio_to_ce": {k: v / medians["ce"] for k, v in medians.items()} if "ce" in medians else {},
+        # Each loss against the CE step with the same convolutions.
+        "ratio_to_ce": {k: v / medians["ce" + k[len(k.partition("@")[0]):]] for k, v in medians.items()}
+        if "ce" in medians else {},
         "compile_s": {name: steps[name + "/compile_s"] for name in names},
         "devices": args.devices or 1,
         "jax": jax.__version__,
@@ -119,14 +137,23 @@ def table(args, result: dict) -> str:
         f"batch {args.batch_size}, {args.dtype}, {result['devices']} device(s), backend {result['backend']}, "
         f"jax {result['jax']}; median of {args.repeats} alternated rounds after {args.warmup} warm-up steps.",
         "",
-        "| loss | step (ms) | ratio to CE | target | compile (s) |",
-        "|---|---|---|---|---|",
     ]
-    for name, ms in result["medians_ms"].items():
+    medians = result["medians_ms"]
+    both = any("@" in name for name in medians)
+    if both:
+        lines[0] += (" `@lax`: every convolution as `lax.conv_general_dilated`; ratios are to the CE step"
+                     " with the same convolutions; speed-up = `@lax` step / saljax step.")
+    lines += ["| loss | step (ms) | ratio to CE | target | compile (s) |" + (" speed-up |" if both else ""),
+              "|---|---|---|---|---|" + ("---|" if both else "")]
+    for name, ms in medians.items():
         ratio = result["ratio_to_ce"].get(name, float("nan"))
-        target = targets.get(name)
+        target = None if "@" in name else targets.get(name)
         verdict = "" if target is None else (f"<= {target} " + ("met" if ratio <= target else "MISSED"))
-        lines.append(f"| {name} | {ms:.1f} | {ratio:.2f} | {verdict} | {result['compile_s'][name]:.1f} |")
+        row = f"| {name} | {ms:.1f} | {ratio:.2f} | {verdict} | {result['compile_s'][name]:.1f} |"
+        if both:
+            other = medians.get(name + "@lax")
+            row += f" {other / ms:.2f}x |" if other else " |"
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -75,6 +75,19 @@ even-sized input asymmetrically (0 before, 1 after), which shifts every
 downsampled feature map by one pixel relative to PyTorch and would make ported
 weights give different numbers. The max-pool pads with ``-inf``, like PyTorch.
 
+Strided convolutions on CPU
+---------------------------
+On the CPU backend every convolution with a stride above 1 (the stride-2 3x3 convs, the
+1x1 downsampling shortcuts, the 7x7 stem) runs as strided slices + one matmul
+(``_conv_general_dilated``); other backends and stride-1 convolutions use
+``lax.conv_general_dilated``. Same parameters, same maths, float rounding aside. Why:
+double backprop (GradMask, RRR) differentiates the data gradient of a strided conv,
+which XLA expresses as a convolution with a dilated input window; XLA:CPU runs those
+far off its fast path (a ResNet-18 GradMask step took 1.3x, a SimpleCNN one 3x, as long
+as with the matmul form). The matmul form's derivatives of every order are matmuls,
+pads and slices. The choice is made when the step is traced, from
+``jax.default_backend()``.
+
 Initialisation
 --------------
 Convolution kernels: He/Kaiming normal with ``fan_out`` (untruncated normal, std
@@ -233,8 +246,73 @@ def _conv(
         param_dtype=param_dtype,
         kernel_init=_conv_kernel_init,
         bias_init=nnx.initializers.zeros,
+        conv_general_dilated=_conv_general_dilated,
         rngs=rngs,
     )
+
+
+def _conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` for ``nnx.Conv``; strided NHWC convs on CPU as a matmul.
+
+    ``lhs``: ``(B, H, W, C)``, ``rhs``: HWIO ``(kh, kw, C, O)``, ``padding``: explicit
+    ``((top, bottom), (left, right))`` or ``'VALID'``. The output, ``(B, h, w, O)``, is
+    ``concat_ij(x_pad[:, i::s, j::s, :]) @ rhs.reshape(kh*kw*C, O)`` (see "Strided
+    convolutions on CPU" in the module docstring). Anything else (stride 1, dilation,
+    groups, other layouts or backends) goes to ``lax.conv_general_dilated`` unchanged.
+    """
+    if not _use_strided_matmul(lhs, rhs, window_strides, padding, kwargs):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    kh, kw, c_in, c_out = rhs.shape
+    sh, sw = window_strides
+    pads = ((0, 0), (0, 0)) if padding == "VALID" else tuple(tuple(p) for p in padding)
+    x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+    b, hp, wp, _ = x.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    # One strided slice per kernel tap, concatenated on channels in (i, j, c) order: the
+    # row order of the HWIO kernel reshaped to (kh*kw*C, O).
+    cols = jnp.concatenate(
+        [
+            jax.lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c_in), (1, sh, sw, 1))
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    y = jnp.dot(
+        cols.reshape(b * ho * wo, kh * kw * c_in),
+        rhs.reshape(kh * kw * c_in, c_out),
+        precision=kwargs.get("precision"),
+        preferred_element_type=kwargs.get("preferred_element_type"),
+    )
+    return y.reshape(b, ho, wo, c_out)
+
+
+def _use_strided_matmul(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], padding: Any, kwargs: dict) -> bool:
+    if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
+        return False
+    if all(s == 1 for s in strides):
+        return False
+    if kwargs.get("feature_group_count", 1) != 1 or kwargs.get("batch_group_count", 1) != 1:
+        return False
+    if kwargs.get("out_sharding") is not None:
+        return False
+    for name in ("lhs_dilation", "rhs_dilation"):
+        dilation = kwargs.get(name)
+        if dilation is not None and any(d != 1 for d in dilation):
+            return False
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    dims = kwargs.get("dimension_numbers")
+    if dims is None or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dims) != nhwc:
+        return False
+    if padding == "VALID":
+        return True
+    return not isinstance(padding, str) and len(padding) == 2 and all(len(p) == 2 for p in padding)
 
 
 def _batch_norm(

@@ -158,6 +158,69 @@ def test_stride2_conv_matches_symmetric_zero_padding():
     np.testing.assert_allclose(model.convs[0](jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [(3, 2, ((1, 1), (1, 1))), (1, 2, ((0, 0), (0, 0))), (7, 2, ((3, 3), (3, 3))), (3, (2, 1), "VALID"),
+     (3, 3, ((2, 0), (1, 1)))],
+)
+def test_strided_conv_as_matmul_matches_lax_to_second_order(kernel, stride, padding, x64):
+    """On CPU a strided conv runs as slices + matmul: values, the input gradient and the
+    gradient of an input-gradient penalty (double backprop) equal lax's convolution."""
+    assert jax.default_backend() == "cpu"
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 9, 8, 3), jnp.float64)
+    w = jax.random.normal(kw, (kernel, kernel, 3, 4), jnp.float64)
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+
+    def penalty(conv, x, w):
+        # A GradMask-like loss: the squared input gradient of a nonlinear readout.
+        out = lambda x: jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=dims)))
+        return jnp.sum(jax.grad(out)(x) ** 2)
+
+    ours, ref = models._conv_general_dilated, jax.lax.conv_general_dilated
+    np.testing.assert_allclose(ours(x, w, strides, padding, dimension_numbers=dims),
+                               ref(x, w, strides, padding, dimension_numbers=dims), rtol=1e-12, atol=1e-12)
+    for argnum in (1, 2):
+        np.testing.assert_allclose(jax.grad(penalty, argnum)(ours, x, w), jax.grad(penalty, argnum)(ref, x, w),
+                                   rtol=1e-10, atol=1e-10)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: ours(x, w, strides, padding, dimension_numbers=dims))(x, w))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_conv_keeps_lax_for_stride_one_dilation_and_groups():
+    x = jnp.ones((1, 6, 6, 4))
+    dims = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 4, 4), _NHWC)
+    cases = [
+        (jnp.ones((3, 3, 4, 4)), (1, 1), {}),
+        (jnp.ones((3, 3, 4, 4)), (2, 2), {"rhs_dilation": (2, 2)}),
+        (jnp.ones((3, 3, 2, 4)), (2, 2), {"feature_group_count": 2}),
+    ]
+    for w, strides, extra in cases:
+        f = lambda x, w: models._conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=dims, **extra)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, w))
+        np.testing.assert_allclose(
+            f(x, w), jax.lax.conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=dims, **extra)
+        )
+
+
+def test_strided_conv_as_matmul_keeps_bfloat16_compute():
+    """bfloat16 inputs stay bfloat16 through the matmul form, and agree with lax to bf16 rounding."""
+    model = models.SimpleCNN(num_classes=2, in_channels=3, channels=(4,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = _images((2, 8, 8, 3))
+    conv = model.convs[0]
+    y = conv(x)
+    assert y.dtype == jnp.bfloat16
+    ref = jax.lax.conv_general_dilated(
+        x.astype(jnp.bfloat16), conv.kernel[...].astype(jnp.bfloat16), (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=_NHWC,
+    ) + conv.bias[...].astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+
+
 # --------------------------------------------------------------------------------------------
 # BatchNorm train / eval
 # --------------------------------------------------------------------------------------------
