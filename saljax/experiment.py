@@ -397,7 +397,7 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
     outline, then one row per method: the input gradient (reduced over channels as `saljax explain`
     does) or Grad-CAM of the true class, min-max scaled per image. Returns the paths written.
     """
-    from saljax import checkpoint, data, explain
+    from saljax import _figures, checkpoint, data, explain
 
     split = split or suite.splits[-1]
     models = {m: checkpoint.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
@@ -413,10 +413,10 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
             for m, (model, _) in models.items()}
     written = []
     for kind in OVERLAY_MAPS:
-        fig = explain._figure(1.6 * n + 1.2, 1.6 * (len(methods) + 1))  # noqa: SLF001
+        fig = _figures.figure(1.6 * n + 1.2, 1.6 * (len(methods) + 1))
         grid = fig.subplots(len(methods) + 1, n, squeeze=False)
         for j in range(n):
-            gray = explain._gray(batch["image"][j])  # noqa: SLF001
+            gray = _figures.gray(batch["image"][j])
             mask = batch["saliency_map"][j] >= 0.5
             for i, method in enumerate([None, *methods]):
                 ax = grid[i, j]
@@ -456,10 +456,10 @@ def _save_small_png(fig, path: str) -> None:
 
 def plot_curves(suite: Suite, workdir: str, results: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> str:
     """Training loss and `suite.curve_metric` against the step: mean over seeds, band = min..max."""
-    from saljax import explain
+    from saljax import _figures
     from saljax.writers import read_metrics
 
-    fig = explain._figure(10, 3.6)  # noqa: SLF001 - the figure setup of saljax explain
+    fig = _figures.figure(10, 3.6)
     ax_loss, ax_eval = fig.subplots(1, 2)
     for method, runs in results.items():
         for ax, key in ((ax_loss, "train/loss"), (ax_eval, suite.curve_metric)):

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from saljax import metrics, saliency
+from saljax import _figures, metrics, saliency
 
 Array = Any
 
@@ -812,38 +812,14 @@ def explain(
 # --- report ----------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    # A bare Figure on the Agg canvas: no pyplot state, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """(H, W, C) in any range -> an array imshow shows in [0, 1], and its colormap."""
-    img = image.astype(np.float64)
-    img = img[..., :3] if img.shape[-1] >= 3 else img.mean(axis=-1)
-    lo, hi = img.min(), img.max()
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    return img, (None if img.ndim == 3 else "gray")
-
-
-def _gray(image: np.ndarray) -> np.ndarray:
-    img, _ = _display_image(image)
-    return img.mean(axis=-1) if img.ndim == 3 else img
-
-
 def _plot_selected(item: Selected, results: ExplainResults, path: str) -> None:
     methods = results.methods
     panels = 2 + len(methods)
     ncols = min(5, panels)
     nrows = math.ceil(panels / ncols)
-    fig = _figure(2.5 * ncols, 2.9 * nrows + 0.3)
+    fig = _figures.figure(2.5 * ncols, 2.9 * nrows + 0.3)
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(panels)]
-    image, cmap = _display_image(item.image)
+    image, cmap = _figures.display_image(item.image)
     axes[0].imshow(image, cmap=cmap, vmin=0, vmax=1)
     axes[0].set_title("image", fontsize=9)
     mask = None
@@ -853,7 +829,7 @@ def _plot_selected(item: Selected, results: ExplainResults, path: str) -> None:
         mask = item.saliency_map >= results.config.map_threshold
     else:
         axes[1].set_title("no human map", fontsize=9)
-    gray = _gray(item.image)
+    gray = _figures.gray(item.image)
     for ax, method in zip(axes[2:], methods):
         values = item.maps[method]
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
@@ -893,7 +869,7 @@ def _plot_summary(results: ExplainResults, path: str) -> None:
     panels = names + ["margin"]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(max(4.0, 0.6 * len(methods) + 1.0) * ncols, 3.4 * nrows)
+    fig = _figures.figure(max(4.0, 0.6 * len(methods) + 1.0) * ncols, 3.4 * nrows)
     for i, name in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         if name == "margin":
