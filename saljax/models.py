@@ -44,8 +44,8 @@ BatchNorm), or take a mode view without mutating the model::
 
 A view shares its Variables with ``model``: parameters are the same arrays, and a
 forward pass of ``train_model`` updates ``model``'s running statistics. Running
-statistics are ``nnx.BatchStat`` Variables named ``mean`` and ``var`` (always
-float32); parameters are ``nnx.Param``. For functional code::
+statistics are ``nnx.BatchStat`` Variables named ``mean`` and ``var`` (float32, float64
+with float64 parameters); parameters are ``nnx.Param``. For functional code::
 
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
@@ -105,10 +105,9 @@ dtypes
 ``param_dtype`` (default float32) is the dtype of the parameters; ``dtype``
 (default float32) is the computation dtype of convolutions and BatchNorm, e.g.
 ``dtype=jnp.bfloat16`` for bfloat16 compute with float32 parameters. BatchNorm
-computes batch statistics in float32 at least, and flax keeps the running statistics
-in float32 whatever ``dtype`` and ``param_dtype`` are (a float64 model rounds them, and
-JAX warns about the float64 -> float32 update). Logits are float32, float64 for float64
-parameters.
+computes batch statistics in float32 at least and keeps its running statistics in
+float32, or float64 when ``param_dtype`` is float64 (flax alone would keep them float32).
+Logits are float32, float64 for float64 parameters.
 
 Porting weights from PyTorch: conv kernels are HWIO here (``torch_weight.permute(2,
 3, 1, 0)``), dense kernels are ``(in, out)`` (``torch_weight.T``), and the
@@ -323,7 +322,7 @@ def _batch_norm(
     rngs: nnx.Rngs,
     zero_scale: bool = False,
 ) -> nnx.BatchNorm:
-    return nnx.BatchNorm(
+    bn = nnx.BatchNorm(
         num_features,
         use_running_average=False,  # built in training mode, like a torch module
         momentum=BN_MOMENTUM,
@@ -338,6 +337,13 @@ def _batch_norm(
         scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
         rngs=rngs,
     )
+    # flax makes the running statistics float32 whatever param_dtype is; a float64 model
+    # would round them and write float64 updates into float32 arrays (which JAX deprecates).
+    stats_dtype = jnp.promote_types(jnp.float32, param_dtype)
+    if stats_dtype != jnp.float32:
+        bn.mean = nnx.BatchStat(bn.mean[...].astype(stats_dtype))
+        bn.var = nnx.BatchStat(bn.var[...].astype(stats_dtype))
+    return bn
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:

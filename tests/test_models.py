@@ -7,6 +7,8 @@ compiled once per module, because XLA compilation dominates the run time on CPU.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -416,4 +418,12 @@ def test_float64_models_keep_float64_logits():
     with jax.enable_x64(True):
         model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4,), dtype=jnp.float64,
                                  param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-        assert model(jnp.ones((1, 8, 8, 1), jnp.float64)).dtype == jnp.float64
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no float64 -> float32 update of the running statistics
+            assert model(jnp.ones((2, 8, 8, 1), jnp.float64)).dtype == jnp.float64
+        stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+        assert stats and all(s.dtype == jnp.float64 for s in stats)
+        assert not np.allclose(model.norms[0].mean[...], 0)  # the train-mode pass updated them
+    # Narrower parameters keep flax's float32 statistics.
+    half = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4,), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(nnx.state(half, nnx.BatchStat)))
