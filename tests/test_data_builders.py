@@ -93,6 +93,7 @@ def test_seed_determines_bytes(name: str, tmp_path) -> None:
 def test_overrides_get_their_own_config_name(data_dir: str) -> None:
     small = sd.resolve_config("decoy_digits", image_size=16)
     assert small.name.startswith("default_") and small.image_size == 16
+    assert small.description == "The 'default' config with image_size=16."  # not the base's size
     assert sd.resolve_config("decoy_digits", image_size=16).name == small.name
     assert sd.resolve_config("decoy_digits", image_size=20).name != small.name
     assert sd.resolve_config("decoy_digits").name == "default"

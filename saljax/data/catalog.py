@@ -79,12 +79,15 @@ def resolve_config(
     if not config_overrides:
         return base
     candidate = dataclasses.replace(base, **config_overrides)
-    if _common.config_fields(candidate) == _common.config_fields(base):
+    base_fields, fields = _common.config_fields(base), _common.config_fields(candidate)
+    if fields == base_fields:
         return base
+    # The base config's description may state a value that was overridden (e.g. the image size).
+    changed = ", ".join(f"{k}={v!r}" for k, v in fields.items() if base_fields[k] != v)
     return dataclasses.replace(
         candidate,
         name=f"{base.name}_{_common.config_digest(candidate)}",
-        description=(base.description or "") + " (custom parameters)",
+        description=f"The {base.name!r} config with {changed}.",
     )
 
 
