@@ -311,7 +311,11 @@ def _use_strided_matmul(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], 
         return False
     if padding == "VALID":
         return True
-    return not isinstance(padding, str) and len(padding) == 2 and all(len(p) == 2 for p in padding)
+    return (
+        not isinstance(padding, str)
+        and len(padding) == 2
+        and all(len(p) == 2 and min(p) >= 0 for p in padding)  # lax also accepts negative pads
+    )
 
 
 def _batch_norm(

@@ -193,7 +193,7 @@ def test_strided_conv_as_matmul_matches_lax_to_second_order(kernel, stride, padd
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
-def test_conv_keeps_lax_for_stride_one_dilation_and_groups():
+def test_conv_keeps_lax_for_stride_one_dilation_groups_and_negative_padding():
     x = jnp.ones((1, 6, 6, 4))
     dims = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 4, 4), _NHWC)
     cases = [
@@ -201,11 +201,13 @@ def test_conv_keeps_lax_for_stride_one_dilation_and_groups():
         (jnp.ones((3, 3, 4, 4)), (2, 2), {"rhs_dilation": (2, 2)}),
         (jnp.ones((3, 3, 2, 4)), (2, 2), {"feature_group_count": 2}),
     ]
-    for w, strides, extra in cases:
-        f = lambda x, w: models._conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=dims, **extra)
+    pads = ((1, 1), (1, 1))
+    for w, strides, extra in cases + [(jnp.ones((3, 3, 4, 4)), (2, 2), {"pads": ((1, -1), (0, 0))})]:
+        pad = extra.pop("pads", pads)
+        f = lambda x, w: models._conv_general_dilated(x, w, strides, pad, dimension_numbers=dims, **extra)
         assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, w))
         np.testing.assert_allclose(
-            f(x, w), jax.lax.conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=dims, **extra)
+            f(x, w), jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=dims, **extra)
         )
 
 
