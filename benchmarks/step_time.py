@@ -89,7 +89,7 @@ def measure(args) -> dict:
     if mesh is not None:
         batch = parallel.shard_batch(batch, mesh)
         state0 = parallel.replicate(state0, mesh)
-    losses_ = args.losses.split(",")
+    # Step names are "<loss>" for saljax's models and "<loss>@lax" for the lax-conv variant.
     defs = {"": model_def}
     if args.conv == "both":
         # Same parameters, every nnx.Conv switched to XLA's convolution (a static attribute, so
@@ -98,12 +98,11 @@ def measure(args) -> dict:
             if isinstance(node, nnx.Conv):
                 node.conv_general_dilated = jax.lax.conv_general_dilated
         defs["@lax"] = train.init_train_state(model, optimizer)[0]
-    names = [loss + suffix for loss in losses_ for suffix in defs]
+    names = [loss + variant for loss in args.losses.split(",") for variant in defs]
     steps, states = {}, {}
     for name in names:
-        loss, _, suffix = name.partition("@")
-        step_def = defs["@" + suffix if suffix else ""]
-        steps[name] = train.make_train_step(step_def, losses.for_method(loss), optimizer, mesh=mesh)
+        loss, variant = _split_name(name)
+        steps[name] = train.make_train_step(defs[variant], losses.for_method(loss), optimizer, mesh=mesh)
         states[name] = jax.tree.map(jnp.copy, state0)
         start = time.perf_counter()
         for _ in range(args.warmup):
@@ -121,13 +120,19 @@ def measure(args) -> dict:
     return {
         "medians_ms": {k: 1e3 * v for k, v in medians.items()},
         # Each loss against the CE step with the same convolutions.
-        "ratio_to_ce": {k: v / medians["ce" + k[len(k.partition("@")[0]):]] for k, v in medians.items()}
+        "ratio_to_ce": {k: v / medians["ce" + _split_name(k)[1]] for k, v in medians.items()}
         if "ce" in medians else {},
         "compile_s": {name: steps[name + "/compile_s"] for name in names},
         "devices": args.devices or 1,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
     }
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """"gradmask@lax" -> ("gradmask", "@lax"); "gradmask" -> ("gradmask", "")."""
+    loss, at, variant = name.partition("@")
+    return loss, at + variant
 
 
 def table(args, result: dict) -> str:

@@ -84,9 +84,9 @@ On the CPU backend every convolution with a stride above 1 (the stride-2 3x3 con
 double backprop (GradMask, RRR) differentiates the data gradient of a strided conv,
 which XLA expresses as a convolution with a dilated input window; XLA:CPU runs those
 far off its fast path (a ResNet-18 GradMask step took 1.4x, a SimpleCNN one 4x, as long
-as with the matmul form; ``benchmarks/STEP_TIME.md``). The matmul form's derivatives of every order are matmuls,
-pads and slices. The choice is made when the step is traced, from
-``jax.default_backend()``.
+as with the matmul form; ``benchmarks/STEP_TIME.md``). The matmul form's derivatives of
+every order are matmuls, pads and slices. The choice is made when the step is traced,
+from ``jax.default_backend()``.
 
 Initialisation
 --------------

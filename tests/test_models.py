@@ -196,14 +196,14 @@ def test_strided_conv_as_matmul_matches_lax_to_second_order(kernel, stride, padd
 def test_conv_keeps_lax_for_stride_one_dilation_groups_and_negative_padding():
     x = jnp.ones((1, 6, 6, 4))
     dims = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 4, 4), _NHWC)
-    cases = [
-        (jnp.ones((3, 3, 4, 4)), (1, 1), {}),
-        (jnp.ones((3, 3, 4, 4)), (2, 2), {"rhs_dilation": (2, 2)}),
-        (jnp.ones((3, 3, 2, 4)), (2, 2), {"feature_group_count": 2}),
+    same = ((1, 1), (1, 1))
+    cases = [  # (kernel, strides, padding, other arguments)
+        (jnp.ones((3, 3, 4, 4)), (1, 1), same, {}),
+        (jnp.ones((3, 3, 4, 4)), (2, 2), same, {"rhs_dilation": (2, 2)}),
+        (jnp.ones((3, 3, 2, 4)), (2, 2), same, {"feature_group_count": 2}),
+        (jnp.ones((3, 3, 4, 4)), (2, 2), ((1, -1), (0, 0)), {}),
     ]
-    pads = ((1, 1), (1, 1))
-    for w, strides, extra in cases + [(jnp.ones((3, 3, 4, 4)), (2, 2), {"pads": ((1, -1), (0, 0))})]:
-        pad = extra.pop("pads", pads)
+    for w, strides, pad, extra in cases:
         f = lambda x, w: models._conv_general_dilated(x, w, strides, pad, dimension_numbers=dims, **extra)
         assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, w))
         np.testing.assert_allclose(
