@@ -41,6 +41,8 @@ __all__ = [
     "class_activation_maps",
     "cam",
     "grad_cam",
+    "grad_cam_from_gradient",
+    "select_class",
     "minmax_normalize",
 ]
 
@@ -52,7 +54,11 @@ def _class_index(target: Array | int, logits: Array) -> Array:
     t = jnp.asarray(target)
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"target must be an int array of class indices or a callable; got dtype {t.dtype}")
-    b = logits.shape[0]
+    b, k = logits.shape[0], logits.shape[-1]
+    if not isinstance(target, jax.core.Tracer):  # concrete indices are checked here, traced ones cannot be
+        values = np.asarray(target)
+        if values.size and (values.min() < 0 or values.max() >= k):
+            raise ValueError(f"target class indices must lie in [0, {k}) for {k} classes; got {np.unique(values).tolist()}")
     if t.ndim == 0:
         return jnp.full((b,), t)
     if t.shape != (b,):
@@ -311,9 +317,24 @@ def cam(
 ) -> Array:
     """CAM of the target class (B,) at the feature-map resolution: (B, h, w)."""
     _check_inputs(inputs)
-    cams = class_activation_maps(head, features(inputs))
-    index = _class_index(target, cams[:, 0, 0, :])
-    return jnp.take_along_axis(cams, index[:, None, None, None], axis=-1)[..., 0]
+    return select_class(class_activation_maps(head, features(inputs)), target)
+
+
+def select_class(maps: Array, target: Array | int) -> Array:
+    """The map of each sample's target class: maps (B, h, w, K), target (B,) or scalar -> (B, h, w)."""
+    index = _class_index(target, maps[:, 0, 0, :])
+    return jnp.take_along_axis(maps, index[:, None, None, None], axis=-1)[..., 0]
+
+
+def grad_cam_from_gradient(feature_map: Array, feature_gradient: Array, *, relu: bool = True) -> Array:
+    """Grad-CAM from a feature map A (B, h, w, C') and `d s / d A` of the same shape: (B, h, w).
+
+    `sum_k alpha_k A_k` with `alpha_k = mean_ij d s / d A_k` (Selvaraju et al., ICCV 2017), followed
+    by a ReLU unless `relu=False` (the signed form some training penalties use).
+    """
+    alpha = jnp.mean(feature_gradient, axis=(1, 2))
+    weighted = jnp.einsum("bhwk,bk->bhw", feature_map, alpha)
+    return jax.nn.relu(weighted) if relu else weighted
 
 
 def grad_cam(
@@ -322,8 +343,7 @@ def grad_cam(
     """Grad-CAM `relu(sum_k alpha_k A_k)`, `alpha_k = mean_ij d s / d A_k`: (B, h, w)."""
     _check_inputs(inputs)
     feature_map = features(inputs)
-    alpha = jnp.mean(vanilla_gradient(head, feature_map, target), axis=(1, 2))
-    return jax.nn.relu(jnp.einsum("bhwk,bk->bhw", feature_map, alpha))
+    return grad_cam_from_gradient(feature_map, vanilla_gradient(head, feature_map, target))
 
 
 def minmax_normalize(values: Array, *, eps: float = 1e-8, axes: tuple[int, ...] = (1, 2)) -> Array:

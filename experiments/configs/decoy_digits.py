@@ -63,6 +63,6 @@ def get_suite():
             "a shortcut; `saliency_inside` (share of input-gradient energy off the swatch) can. Settings are "
             "fixed a priori, not tuned on any split: Adam 3e-3, batch 32, 500 steps (CE reaches ~97% "
             "validation accuracy), lam = 10 with the scale-free `mean` reduction for the gradient penalties, "
-            "METHODS.md defaults for CYBORG. The dd_* losses need a binary head and are not run on 10 classes."
+            "docs/methods.md defaults for CYBORG. The dd_* losses need a binary head and are not run on 10 classes."
         ),
     )

@@ -2,7 +2,7 @@
 
     saljax train --config experiments/configs/spurious_binary.py:dd_paired --workdir runs/spurious_dd_paired
 
-The argument picks the method (`saljax.losses.METHODS`; the CAM methods use their METHODS.md
+The argument picks the method (`saljax.losses.METHODS`; the CAM methods use their docs/methods.md
 defaults), and `clean` trains CE where the cue is as likely on either class in training (the
 reference). Evaluated on `test_closed` (cue broken, training attack types) and `test_open` (cue
 broken, attack types never seen in training); checkpoints are ranked by validation AUC. For the
@@ -62,7 +62,7 @@ def get_suite():
             "The seed paper's claim is that training with both the true- and the false-class CAM (dd_*) beats "
             "CYBORG (true-class CAM only); the targets compare means, the confidence intervals say whether a "
             "difference is more than seed noise. Settings are fixed a priori, not tuned on any split: CYBORG's "
-            "optimiser (SGD 0.005, momentum 0.9, weight decay 1e-6, batch 20), 400 steps, METHODS.md defaults "
+            "optimiser (SGD 0.005, momentum 0.9, weight decay 1e-6, batch 20), 400 steps, docs/methods.md defaults "
             "for the CAM losses and lam = 10 (`mean` reduction) for the gradient penalties."
         ),
     )

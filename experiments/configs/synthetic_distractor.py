@@ -62,7 +62,7 @@ def get_suite():
             "`saliency_inside` (share of input-gradient energy inside the lesion) can, and it chose lam for "
             "the gradient penalties (single probe runs of 300 steps, validation share inside: lam = 100 0.14 at "
             "32x32; lam = 1000 0.57 at 32x32, 0.75 at 48x48 and 0.79 at 64x64; lam = 10000 0.55 at 32x32). "
-            "Other settings are fixed a priori: Adam 1e-3, batch 32, 400 steps, METHODS.md "
+            "Other settings are fixed a priori: Adam 1e-3, batch 32, 400 steps, docs/methods.md "
             "defaults for the CAM losses. SimpleCNN instead of the follow-up's ResNet-18 keeps a 45-run suite "
             "within about an hour on 2 CPU cores."
         ),

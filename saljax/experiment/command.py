@@ -1,0 +1,104 @@
+"""`saljax experiment SUITE`: run a suite and write its page, JSON and figures."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+import jax
+from absl import logging as absl_logging
+
+from saljax import checkpoint
+from saljax.experiment.figures import plot_curves, plot_overlays
+from saljax.experiment.report import provenance, render_markdown
+from saljax.experiment.runner import (
+    aggregate,
+    check_selection,
+    find_config,
+    load_suite,
+    run_suite,
+)
+
+
+def _enable_compilation_cache(workdir: str) -> None:
+    # Every seed of a method compiles the same step: the persistent cache turns the repeats into loads.
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(args, argv: Sequence[str]) -> int:
+    """`saljax experiment` (see `add_arguments`)."""
+    config_path = find_config(args.suite)
+    suite = load_suite(config_path)
+    seeds = args.seeds if args.seeds is not None else (suite.quick_seeds if args.quick else 5)
+    methods = check_selection(suite, args.methods, seeds)  # before any directory or cache is touched
+    overrides = [*(suite.quick if args.quick else ()), *args.overrides]
+    name = suite.name + ("-quick" if args.quick else "")
+    workdir = os.path.abspath(args.workdir or os.path.join("runs", "experiments", name))
+    if args.out:
+        out = args.out
+    elif args.quick:
+        out = workdir
+    else:
+        out = os.path.join(os.path.dirname(os.path.abspath(config_path)), os.pardir, "results")
+    out = os.path.normpath(out)
+    os.makedirs(os.path.join(out, name) if not args.no_figures else out, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
+    _enable_compilation_cache(workdir)
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about custom configs at every run
+    print(f"saljax experiment {suite.name}: {len(methods)} methods x {seeds} seeds in {workdir}", flush=True)
+    results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=methods,
+                        log=lambda s: print(s, flush=True))
+    table = aggregate(suite, results)
+    means = {m: {k: s["mean"] for k, s in row.items()} for m, row in table.items()}
+    figures = []
+    if not args.no_figures:
+        figures += plot_overlays(suite, workdir, list(results), lambda f: os.path.join(out, name, f))
+        figures.append(plot_curves(suite, workdir, results, os.path.join(out, name, "curves.png")))
+    report = {
+        "suite": suite.name,
+        "command": "saljax " + shlex.join(argv),
+        "provenance": provenance(config_path),
+        "wall_s": sum(r["wall_s"] for runs in results.values() for r in runs),
+        "table": table,
+        "targets": [t.check(means) for t in suite.targets],
+        "figures": [os.path.relpath(f, out) for f in figures],
+        "runs": results,
+    }
+    md = render_markdown(suite, report)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    print()
+    print(md.split("## Runs")[0].rstrip())
+    print(f"\nwrote {os.path.join(out, name + '.md')}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("suite", help="a suite name (decoy_digits, synthetic_distractor, spurious_binary) or config file")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; --quick: the suite's)")
+    parser.add_argument("--quick", action="store_true", help="the suite's quick settings: fewer seeds and steps")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the suite's methods")
+    parser.add_argument("--workdir", default=None, help="runs go here (default runs/experiments/<suite>)")
+    parser.add_argument("--out", default=None,
+                        help="tables and figures go here (default experiments/results; --quick: the workdir)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def main(args) -> int:
+
+    try:
+        return run(args, args.argv)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"saljax experiment: {error}", file=sys.stderr)
+        return 2
+    except checkpoint.NonFiniteError as error:
+        print(f"saljax experiment: {error}", file=sys.stderr)
+        return 1
