@@ -9,7 +9,7 @@ PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versio
 # and fall back to the interpreters pyenv and Debian install.
 PYTHON312 := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/local/bin/python3.12 /usr/bin/python3.12,$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
 
-.PHONY: demo test install torch-env clean
+.PHONY: demo test test-fast lint install torch-env clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg requirements.txt pyproject.toml
@@ -30,8 +30,17 @@ $(TORCH_VENV)/.installed:
 demo: install
 	$(VENV)/bin/saljax experiment decoy_digits --quick
 
+# Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones.
 test: install torch-env
-	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest
+	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto
+
+test-fast: install torch-env
+	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto -m "not slow"
+
+# ruff and mypy, configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check saljax tests benchmarks baselines experiments
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(TORCH_VENV) build *.egg-info .pytest_cache

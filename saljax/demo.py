@@ -72,13 +72,17 @@ def _eval_batches(data: dict[str, np.ndarray], batch_size: int):
     return [{k: v[s:s + batch_size] for k, v in data.items()} for s in range(0, n, batch_size)]
 
 
-def run(steps: int = 500, seed: int = 0, lam: float = 10.0, batch_size: int = 32, lr: float = 3e-3, log=print) -> dict[str, dict[str, Any]]:
+def run(
+    steps: int = 500, seed: int = 0, lam: float = 10.0, batch_size: int = 32, lr: float = 3e-3, log=print
+) -> dict[str, dict[str, Any]]:
     """Trains CE and CE + GradMask from the same initialisation; returns their test metrics."""
     train_set = toy_decoy_set(2048, seed=seed, decoy_follows_label=True)
     test_set = toy_decoy_set(1024, seed=seed + 1, decoy_follows_label=False)
     optimizer = optax.adam(lr)
     results = {}
-    for name, loss in [("CE", losses.for_method("ce")), (f"GradMask (lam={lam:g})", losses.for_method("gradmask", lam=lam, reduction="mean"))]:
+    runs = [("CE", losses.for_method("ce")),
+            (f"GradMask (lam={lam:g})", losses.for_method("gradmask", lam=lam, reduction="mean"))]
+    for name, loss in runs:
         model = models.SimpleCNN(num_classes=2, in_channels=1, rngs=nnx.Rngs(seed))
         model_def, state = train.init_train_state(model, optimizer)
         train_step = train.make_train_step(model_def, loss, optimizer)

@@ -183,7 +183,7 @@ def _fold_gradients(
         raise ValueError(f"internal_batch_size must be >= 1 or None; got {internal_batch_size}")
     count = jax.tree.leaves(params)[0].shape[0]
     for start in range(0, count, internal_batch_size):
-        chunk = jax.tree.map(lambda a: a[start:start + internal_batch_size], params)
+        chunk = jax.tree.map(lambda a, s=start: a[s:s + internal_batch_size], params)
         chunk, carry = jax.lax.optimization_barrier((chunk, carry))
         carry = accumulate(carry, jax.vmap(grad_at)(chunk), chunk)
     return carry
@@ -222,7 +222,7 @@ def smoothgrad(
         span = jnp.max(inputs, axis=axes, keepdims=True) - jnp.min(inputs, axis=axes, keepdims=True)
         sigma = stdevs * span
     else:
-        sigma = stdevs
+        sigma = jnp.asarray(stdevs)
 
     zeros = jnp.zeros_like(inputs)
     total, total_sq = _fold_gradients(

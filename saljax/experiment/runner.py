@@ -123,7 +123,7 @@ def _headline(suite: Suite) -> list[str]:
 
 def aggregate(suite: Suite, results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
     """method -> "split/metric" -> `summarize` of the per-seed values of the suite's checkpoint."""
-    table = {}
+    table: dict[str, dict[str, dict[str, float]]] = {}
     for method, runs in results.items():
         table[method] = {}
         for split in suite.splits:

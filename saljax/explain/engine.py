@@ -162,7 +162,7 @@ def _compiled_explain_fn(graphdef: Any, methods: tuple[str, ...], options: tuple
             attributions = saliency.integrated_gradients(
                 net, images, score, baselines=ig_baseline, n_steps=ig_steps, method=ig_rule,
                 internal_batch_size=steps_per_pass if ig_steps <= max_unroll else None)
-            maps["integrated_gradients"] = _reduce_channels(attributions, reduce)
+            maps["integrated_gradients"] = _reduce_channels(attributions, reduce)  # type: ignore[arg-type]
         if "smoothgrad" in wanted:
             grads = saliency.smoothgrad(
                 net, images, score, key=key, nt_samples=sg_samples, stdevs=sg_stdevs, nt_type=sg_type,

@@ -364,7 +364,7 @@ def run(
     """
     if config is None:
         config = ExplainConfig(
-            methods=methods,
+            methods=methods,  # type: ignore[arg-type]  # __post_init__ normalises str and sequences
             batch_size=batch_size,
             ig_steps=ig_steps,
             smoothgrad_samples=smoothgrad_samples,

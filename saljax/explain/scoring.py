@@ -162,12 +162,12 @@ def explain(
         rank_key = _default_rank_key(methods, config.map_metrics)
     else:
         rank_key = rank_by
-        valid = ["margin"] + [f"{m}/{k}" for m in methods for k in MAP_METRICS if config.map_metrics]
+        allowed = ["margin"] + [f"{m}/{k}" for m in methods for k in MAP_METRICS if config.map_metrics]
         if "divergence" in methods:
-            valid += [f"divergence/{k}" for k in REGION_METRICS]
-        if rank_key not in valid:
-            raise ValueError(f"rank_by must be 'auto' or one of {valid}; got {rank_by!r}")
-    num_classes = int(model.num_classes)
+            allowed += [f"divergence/{k}" for k in REGION_METRICS]
+        if rank_key not in allowed:
+            raise ValueError(f"rank_by must be 'auto' or one of {allowed}; got {rank_by!r}")
+    num_classes = int(model_attr(model, "num_classes"))
     fn = make_explain_fn(model, methods, config)
     key = jax.random.key(config.seed) if key is None else key
 
@@ -239,13 +239,13 @@ def explain(
         offset += valid
 
     with tqdm(total=num_examples(batches), unit="img", desc=f"explain {split_name}", disable=not progress) as bar:
-        pending = None
+        pending: tuple[dict[str, np.ndarray], int, dict[str, Any]] | None = None
         for i, (chunk, valid) in enumerate(rebatch(incoming, config.batch_size)):
             if image_shape is None:
                 image_shape = chunk["image"].shape[1:]
                 if image_shape[-1] != getattr(model, "in_channels", image_shape[-1]):
                     raise ValueError(
-                        f"the model expects images with in_channels={model.in_channels}; the batches have "
+                        f"the model expects images with in_channels={model_attr(model, 'in_channels')}; the batches have "
                         f"{image_shape[-1]} channel(s) (shape {chunk['image'].shape})"
                     )
             # Dispatch this chunk before scoring the previous one, so device and host overlap.
@@ -275,7 +275,7 @@ def explain(
             "num_classes": num_classes,
             "head_type": model_attr(model, "head_type"),
             "in_channels": model_attr(model, "in_channels"),
-            "image_shape": tuple(int(s) for s in image_shape),
+            "image_shape": tuple(int(s) for s in image_shape or ()),
         },
         per_image=per_image,
         aggregate=_aggregate(per_image, methods),

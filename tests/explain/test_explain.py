@@ -16,7 +16,7 @@ from flax import nnx
 
 from saljax import explain, metrics, models, saliency
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZE = 16
 # Few IG steps / SmoothGrad samples: the tests check wiring, not quadrature accuracy.
