@@ -85,10 +85,10 @@ def render_markdown(suite: Suite, report: Mapping[str, Any]) -> str:
         "## Results",
     ]
     for split in suite.splits:
-        lines += ["", f"### {split}", "", "| method | " + " | ".join(suite.metrics) + " |",
-                  "|---|" + "---|" * len(suite.metrics)]
+        lines += ["", f"### {split}", "", "| method | " + " | ".join(suite.columns) + " |",
+                  "|---|" + "---|" * len(suite.columns)]
         for method in methods:
-            cells = [format_cell(table[method][f"{split}/{m}"]) for m in suite.metrics]
+            cells = [format_cell(table[method][f"{split}/{m}"]) for m in suite.columns]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if suite.published:
         lines += ["", "## Against the published numbers", "", "| method | split/metric | ours | published |",

@@ -9,6 +9,7 @@ from typing import Any
 
 from saljax import checkpoint, train
 from saljax import config as config_lib
+from saljax.experiment.explained import explain_run, map_metric_names
 from saljax.experiment.stats import summarize
 from saljax.experiment.suite import Suite
 
@@ -70,6 +71,7 @@ def run_suite(
     to the run's `result.json`. A run that finished with the same config is not trained again.
     """
     methods = check_selection(suite, methods, seeds)
+    map_metric_names(suite)  # a misspelt map metric fails before any training
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     total = len(methods) * seeds
     done = 0
@@ -86,6 +88,7 @@ def run_suite(
             _check_no_other_run(path, cfg)
             start = time.perf_counter()
             metrics = train.train_and_evaluate(cfg, path, log=lambda _: None)
+            metrics |= explain_run(suite, path, suite.splits)
             result = {"seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - start,
                       "config": json.loads(cfg.to_json())}
             with open(os.path.join(path, RESULT_FILE), "w") as f:
@@ -127,7 +130,7 @@ def aggregate(suite: Suite, results: Mapping[str, Sequence[Mapping[str, Any]]]) 
     for method, runs in results.items():
         table[method] = {}
         for split in suite.splits:
-            for metric in suite.metrics:
+            for metric in suite.columns:
                 key = f"{split}/{metric}"
                 table[method][key] = summarize([r["metrics"].get(suite.key(key), float("nan")) for r in runs])
     return table

@@ -48,6 +48,8 @@ class Suite:
       checkpoint: which checkpoint of each run the tables report: "final" (the last step) or "best"
         (the step with the best `checkpoint.best_metric` of the run's config, a validation metric,
         as the papers select: the red-herring paper by validation AUC, CYBORG by validation accuracy).
+      map_metrics: explanation metrics of each run's reported checkpoint on every split, as
+        "<map>/<metric>" (`saljax.explain` names, e.g. "gradient/saliency_iou"); tabulated after `metrics`.
       published: the papers' numbers shown beside ours: (method, "split/metric", text), e.g.
         ("gradmask", "test/auc", "0.76 ± 0.04 (Viviano et al. 2021)").
     """
@@ -62,11 +64,17 @@ class Suite:
     curve_metric: str = "validation/accuracy"
     notes: str = ""
     checkpoint: str = "final"
+    map_metrics: tuple[str, ...] = ()
     published: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"Suite.checkpoint must be one of {CHECKPOINTS}; got {self.checkpoint!r}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The metrics the tables show: the classification metrics, then the map metrics."""
+        return (*self.metrics, *self.map_metrics)
 
     def key(self, split_metric: str) -> str:
         """The key of a run's metrics that this suite reports for "split/metric"."""
