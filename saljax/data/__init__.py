@@ -7,6 +7,7 @@ works. ``build`` prepares a dataset (offline) and ``make_loader`` batches one of
 
 from saljax.data.catalog import DATASET_NAMES, build, resolve_config
 from saljax.data.decoy_digits import DecoyDigits, DecoyDigitsConfig
+from saljax.data.decoy_mnist import DecoyMnist, DecoyMnistConfig
 from saljax.data.pipeline import (
     BATCH_KEYS,
     Augment,
@@ -20,6 +21,7 @@ from saljax.data.pipeline import (
     normalize_example,
     restore_iterator,
 )
+from saljax.data.red_herring import RedHerring, RedHerringConfig
 from saljax.data.saliency_folder import (
     FolderDatasetError,
     FolderProblem,
@@ -35,11 +37,15 @@ __all__ = [
     "Augment",
     "DecoyDigits",
     "DecoyDigitsConfig",
+    "DecoyMnist",
+    "DecoyMnistConfig",
     "FolderDatasetError",
     "FolderProblem",
     "IteratorCheckpointHandler",
     "IteratorCheckpointRestore",
     "IteratorCheckpointSave",
+    "RedHerring",
+    "RedHerringConfig",
     "SaliencyFolder",
     "SaliencyFolderConfig",
     "SaliencyLoader",

@@ -13,12 +13,16 @@ from saljax.data import _common
 # Importing the builder modules registers them with TFDS under these names.
 from saljax.data import (  # noqa: F401  # isort: skip
     decoy_digits,
+    decoy_mnist,
+    red_herring,
     saliency_folder,
     spurious_binary,
     synthetic_distractor,
 )
 
-DATASET_NAMES = ("decoy_digits", "synthetic_distractor", "spurious_binary", "saliency_folder")
+DATASET_NAMES = (
+    "decoy_digits", "decoy_mnist", "synthetic_distractor", "red_herring", "spurious_binary", "saliency_folder",
+)
 
 
 def resolve_config(
