@@ -28,7 +28,7 @@ $(TORCH_VENV)/.installed:
 	touch $@
 
 demo: install
-	$(VENV)/bin/saljax experiment decoy_digits --quick
+	$(VENV)/bin/saljax experiment decoy_mnist --quick
 
 # Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones.
 test: install torch-env

@@ -23,6 +23,12 @@ TINY = {
                         "dataset.overrides.num_validation=16", "dataset.overrides.num_test_closed=16",
                         "dataset.overrides.num_test_open=16", "model.name='simple_cnn'",
                         "model.kwargs={'channels': (8, 8, 8, 8)}"],
+    "decoy_mnist": ["dataset.overrides.num_train=40", "dataset.overrides.num_validation=20",
+                    "dataset.overrides.num_test=20"],
+    "red_herring": ["dataset.overrides.num_train=24", "dataset.overrides.num_validation=8",
+                    "dataset.overrides.num_test=8", "model.kwargs={'width': 4, 'stem': 'cifar'}"],
+    "red_herring_cpu": ["dataset.overrides.num_train=24", "dataset.overrides.num_validation=8",
+                        "dataset.overrides.num_test=8", "model.kwargs={'width': 4, 'stem': 'cifar'}"],
 }
 
 

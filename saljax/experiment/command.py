@@ -61,6 +61,7 @@ def run(args, argv: Sequence[str]) -> int:
         figures.append(plot_curves(suite, workdir, results, os.path.join(out, name, "curves.png")))
     report = {
         "suite": suite.name,
+        "checkpoint": suite.checkpoint,
         "command": "saljax " + shlex.join(argv),
         "provenance": provenance(config_path),
         "wall_s": sum(r["wall_s"] for runs in results.values() for r in runs),

@@ -96,7 +96,8 @@ def _check_page(md_path, min_seeds):
             runs = report["runs"][method]
             assert len(runs) >= min_seeds and sorted(r["seed"] for r in runs) == list(range(len(runs)))
             for metric, cell in cells.items():
-                values = [r["metrics"][f"{split}/{metric}"] for r in runs]
+                prefix = "best/" if report.get("checkpoint") == "best" else ""
+                values = [r["metrics"][f"{prefix}{split}/{metric}"] for r in runs]
                 parsed = experiment.parse_cell(cell)
                 if parsed == {"n": 0}:
                     assert not any(math.isfinite(v) for v in values)
@@ -115,21 +116,36 @@ def test_committed_result_tables_parse_and_match_their_runs():
         assert report["suite"] == name
 
 
-@pytest.mark.parametrize("suite", SUITES)
-def test_every_method_runs_through_the_cli(suite, tmp_path):
+def _suite(name):
+    return experiment.load_suite(experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{name}.py")))
+
+
+# One case per method of every suite, so the cases spread over the test workers; the first
+# method of each suite also draws the figures.
+CLI_CASES = [(name, method) for name in TINY for method in _suite(name).methods]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite,method", CLI_CASES)
+def test_every_method_runs_through_the_cli(suite, method, tmp_path):
     exe = shutil.which("saljax", path=os.path.dirname(sys.executable))
     command = [exe] if exe else [sys.executable, "-m", "saljax.cli"]
     out = tmp_path / "out"
-    command += ["experiment", suite, "--seeds", "1", "--workdir", str(tmp_path / "runs"), "--out", str(out),
+    figures = method == _suite(suite).methods[0]
+    command += ["experiment", suite, "--seeds", "1", "--methods", method, "--workdir", str(tmp_path / "runs"),
+                "--out", str(out), *([] if figures else ["--no-figures"]),
                 f"dataset.data_dir={str(tmp_path / 'data')!r}", "num_steps=3", "eval_every=3", "log_every=1",
                 "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = _check_page(str(out / f"{suite}.md"), min_seeds=1)
-    methods = experiment.load_suite(experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{suite}.py"))).methods
-    assert list(report["runs"]) == list(methods)
-    for method, runs in report["runs"].items():
-        assert all(math.isfinite(v) for v in runs[0]["metrics"].values()), (method, runs[0]["metrics"])
-    assert len(report["figures"]) == 3
+    assert list(report["runs"]) == [method]
+    metrics = report["runs"][method][0]["metrics"]
+    assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
+    suite_ = _suite(suite)
+    for split in suite_.splits:
+        for column in suite_.columns:
+            assert suite_.key(f"{split}/{column}") in metrics, (split, column)
+    assert len(report["figures"]) == (3 if figures else 0)
     assert "| method |" in done.stdout  # the table is printed
