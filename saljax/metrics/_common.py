@@ -8,15 +8,17 @@ import numpy as np
 from jax.typing import ArrayLike
 
 
-def check_maps(fn: str, saliency: ArrayLike, mask: ArrayLike, *, mask_name: str = "mask") -> None:
-    """Raises a one-line ValueError unless `saliency` is (B, H, W) and `mask` has its shape."""
+def check_maps(
+    fn: str, saliency: ArrayLike, mask: ArrayLike, *, names: tuple[str, str] = ("saliency", "mask")
+) -> None:
+    """Raises a one-line ValueError unless `saliency` is (B, H, W) with pixels and `mask` has its shape."""
     s_shape, m_shape = np.shape(saliency), np.shape(mask)
     if len(s_shape) != 3:
-        raise ValueError(f"{fn}: saliency must have shape (B, H, W); got {s_shape}")
+        raise ValueError(f"{fn}: {names[0]} must have shape (B, H, W); got {s_shape}")
     if m_shape != s_shape:
-        raise ValueError(f"{fn}: {mask_name} must have the shape of saliency {s_shape}; got {m_shape}")
+        raise ValueError(f"{fn}: {names[1]} must have the shape of {names[0]} {s_shape}; got {m_shape}")
     if s_shape[1] * s_shape[2] == 0:
-        raise ValueError(f"{fn}: saliency maps must have at least one pixel; got shape {s_shape}")
+        raise ValueError(f"{fn}: {names[0]} must have at least one pixel; got shape {s_shape}")
 
 
 def check_valid(fn: str, valid: ArrayLike | None, batch: int, name: str = "valid") -> None:

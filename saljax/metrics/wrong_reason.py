@@ -108,7 +108,7 @@ def wrong_reason_per_image(
       threshold: `t`, a scalar, from `wrong_reason_threshold` over the whole set.
       valid: optional (B,); NaN where it is 0. NaN also where `A` is empty.
     """
-    check_maps("wrong_reason_per_image", maps, region, mask_name="region")
+    check_maps("wrong_reason_per_image", maps, region, names=("maps", "region"))
     check_valid("wrong_reason_per_image", valid, jnp.shape(maps)[0])
     if jnp.ndim(threshold) != 0:
         raise ValueError(f"wrong_reason_per_image: threshold must be a scalar; got shape {jnp.shape(threshold)}")
@@ -130,6 +130,6 @@ def wrong_reason_score(maps: ArrayLike, region: ArrayLike, *, valid: ArrayLike |
     optional (N,). The threshold is taken over the valid images; images with an empty `A` are
     left out of the mean (NaN if none is left).
     """
-    check_maps("wrong_reason_score", maps, region, mask_name="region")
+    check_maps("wrong_reason_score", maps, region, names=("maps", "region"))
     check_valid("wrong_reason_score", valid, jnp.shape(maps)[0])
     return _wrong_reason(maps, region, valid)
