@@ -40,7 +40,7 @@ class ThresholdStats(NamedTuple):
     """
 
     mean_sum: jax.Array
-    count: jax.Array
+    num_images: jax.Array
 
 
 def _check_3d(fn: str, maps: ArrayLike) -> None:
@@ -85,7 +85,7 @@ def wrong_reason_threshold_stats(maps: ArrayLike, *, valid: ArrayLike | None = N
 
 def wrong_reason_threshold(stats: ThresholdStats) -> jax.Array:
     """The WR threshold `t` from the accumulated `ThresholdStats` of the whole set: a scalar (NaN if empty)."""
-    return jnp.where(stats.count > 0, stats.mean_sum / jnp.maximum(stats.count, 1), jnp.nan)
+    return jnp.where(stats.num_images > 0, stats.mean_sum / jnp.maximum(stats.num_images, 1), jnp.nan)
 
 
 @jax.jit

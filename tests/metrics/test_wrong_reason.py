@@ -21,7 +21,7 @@ def test_normalize_maps(x64):
 
 def test_hand_computed_wrong_reason(x64):
     stats = metrics.wrong_reason_threshold_stats(MAPS)
-    assert float(stats.mean_sum) == pytest.approx(7 / 12) and int(stats.count) == 2
+    assert float(stats.mean_sum) == pytest.approx(7 / 12) and int(stats.num_images) == 2
     t = metrics.wrong_reason_threshold(stats)
     assert float(t) == pytest.approx(T)
     np.testing.assert_allclose(metrics.wrong_reason_per_image(MAPS, REGION, t), WR)
