@@ -63,7 +63,10 @@ def _undefined_if_empty(values: jax.Array, m: jax.Array, valid: ArrayLike | None
 @jax.jit
 def _pointing_game(saliency: jax.Array, mask: jax.Array, threshold: jax.Array, valid: jax.Array | None) -> jax.Array:
     s, m = _flat(saliency, mask, threshold)
-    return _undefined_if_empty(_expected_top_k_hits(s, m, jnp.ones(s.shape[0], jnp.int32)), m, valid)
+    # The top-1 case of `_expected_top_k_hits` without a sort: the tied maxima share the hit.
+    at_max = s == jnp.max(s, axis=1, keepdims=True)
+    hit = jnp.sum(at_max & m, axis=1).astype(s.dtype) / jnp.sum(at_max, axis=1).astype(s.dtype)
+    return _undefined_if_empty(hit, m, valid)
 
 
 def pointing_game(
