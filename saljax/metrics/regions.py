@@ -1,77 +1,19 @@
-"""Evaluation metrics: accuracy, ROC AUC, and agreement of saliency with human maps."""
+"""Agreement of a saliency map with a human map, per image in NumPy, and the regions of a map.
+
+Region metrics compare with the binarised map `M = H >= threshold`; `top_regions` describes the
+connected regions of a map's top-q set; `aggregate` summarises per-image values that may be NaN.
+The batched, jit-compatible localisation metrics live in `saljax.metrics.localisation`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+from scipy import ndimage  # type: ignore[import-untyped]
 
-Array = Any
-
-
-def fraction_inside(saliency: Array, saliency_map: Array, *, eps: float = 1e-12) -> Array:
-    """Fraction of non-negative saliency energy (B, H, W) that falls inside the map (B, H, W): (B,).
-
-    `sum H * s / sum s`; a map with soft values weighs each pixel by its value. 0 where `s` is 0.
-    """
-    if saliency.shape != saliency_map.shape:
-        raise ValueError(f"saliency {saliency.shape} and saliency_map {saliency_map.shape} must have the same shape")
-    axes = tuple(range(1, saliency.ndim))
-    return jnp.sum(saliency * saliency_map, axis=axes) / (jnp.sum(saliency, axis=axes) + eps)
-
-
-def roc_auc(scores: Array, labels: Array) -> float:
-    """Area under the ROC curve of `scores` (N,) for binary `labels` (N,) in {0, 1}.
-
-    The Mann-Whitney statistic with tied scores counted one half; NaN when a class is absent.
-    """
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels)
-    if scores.shape != labels.shape or scores.ndim != 1:
-        raise ValueError(f"scores and labels must both have shape (N,); got {scores.shape} and {labels.shape}")
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # Average ranks over ties (1-based).
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, count in zip(first, counts):
-        ranks[order[start:start + count]] = start + (count + 1) / 2.0
-    rank_sum = ranks[labels == 1].sum()
-    return float((rank_sum - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
-
-
-def summarize(outputs: Sequence[Mapping[str, Array]]) -> dict[str, float]:
-    """Aggregates per-sample eval outputs (see `train.make_eval_step`) over batches.
-
-    Returns `accuracy`, `ce`, `count`, the mean of every `loss/<term>`, `saliency_inside` (mean
-    over samples with maps) and, for binary heads, `roc_auc` of the class-1 probability. A `valid`
-    entry (B,) drops padding samples.
-    """
-    if not outputs:
-        raise ValueError("summarize needs at least one batch of outputs")
-    cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
-    if "valid" in cat:
-        keep = cat.pop("valid").astype(bool)
-        cat = {k: v[keep] for k, v in cat.items()}
-    if len(cat["ce"]) == 0:
-        raise ValueError("summarize got no valid samples")
-    out = {"accuracy": float(np.mean(cat["correct"])), "ce": float(np.mean(cat["ce"])), "count": int(len(cat["ce"]))}
-    out.update({k: float(np.mean(v)) for k, v in cat.items() if k.startswith("loss/")})
-    if "saliency_inside" in cat:
-        has_map = cat["has_map"].astype(bool)
-        out["saliency_inside"] = float(np.mean(cat["saliency_inside"][has_map])) if has_map.any() else float("nan")
-    logits = cat["logits"].astype(np.float64)
-    if logits.shape[-1] == 2 and "label" in cat:
-        # Any increasing function of z1 - z0 ranks alike; the class-1 probability is the usual one.
-        p1 = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
-        out["roc_auc"] = roc_auc(p1, cat["label"])
-    return out
-
+from saljax.metrics.classification import fraction_inside
 
 # --- agreement of a saliency map with a human map: per image, numpy ---------------------------------
 #
@@ -82,7 +24,7 @@ def summarize(outputs: Sequence[Mapping[str, Array]]) -> dict[str, float]:
 # map); `aggregate` skips NaN and reports how many values it used.
 
 
-def _check_pair(saliency: Array, saliency_map: Array) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(saliency: ArrayLike, saliency_map: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(saliency, np.float64)
     h = np.asarray(saliency_map, np.float64)
     if s.ndim != 3 or s.shape != h.shape:
@@ -92,12 +34,12 @@ def _check_pair(saliency: Array, saliency_map: Array) -> tuple[np.ndarray, np.nd
     return s, h
 
 
-def binarize_map(saliency_map: Array, threshold: float = 0.5) -> np.ndarray:
+def binarize_map(saliency_map: ArrayLike, threshold: float = 0.5) -> np.ndarray:
     """The region a human map marks: `H >= threshold`, bool with the shape of `saliency_map`."""
     return np.asarray(saliency_map) >= threshold
 
 
-def energy_inside(saliency: Array, saliency_map: Array) -> np.ndarray:
+def energy_inside(saliency: ArrayLike, saliency_map: ArrayLike) -> np.ndarray:
     """Fraction of the POSITIVE saliency energy inside the map: `sum H * s+ / sum s+`, (B,).
 
     `s+ = max(s, 0)`; for non-negative maps this is `fraction_inside`. 0 where `s+` is all zero.
@@ -106,42 +48,7 @@ def energy_inside(saliency: Array, saliency_map: Array) -> np.ndarray:
     return np.asarray(fraction_inside(np.maximum(s, 0.0), h), np.float64)
 
 
-def pixel_auc(saliency: Array, saliency_map: Array, *, threshold: float = 0.5) -> np.ndarray:
-    """ROC AUC of the pixel values of `s` as a predictor of `M = H >= threshold`, per image: (B,).
-
-    The Mann-Whitney statistic `(sum of ranks of M pixels - P(P+1)/2) / (P N)` with average ranks
-    over ties (a tie counts one half), P / N the numbers of pixels inside / outside `M`. 1 when every
-    map pixel outscores every other pixel, 0.5 for a constant map; NaN when `M` is empty or full.
-    """
-    s, h = _check_pair(saliency, saliency_map)
-    from scipy.stats import rankdata  # scipy comes with jax
-
-    flat = s.reshape(s.shape[0], -1)
-    inside = binarize_map(h, threshold).reshape(s.shape[0], -1)
-    ranks = rankdata(flat, method="average", axis=1)
-    pos = inside.sum(axis=1).astype(np.float64)
-    neg = inside.shape[1] - pos
-    rank_sum = np.sum(ranks * inside, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
-    return np.where((pos > 0) & (neg > 0), auc, np.nan)
-
-
-def pointing_game(saliency: Array, saliency_map: Array, *, threshold: float = 0.5) -> np.ndarray:
-    """Whether the maximum of `s` lies inside `M = H >= threshold`, per image: (B,) in [0, 1].
-
-    With several pixels at the maximum, the fraction of them inside `M` (the expected hit when a
-    tie is broken at random), so a constant map scores the map's area fraction. NaN when `M` is empty.
-    """
-    s, h = _check_pair(saliency, saliency_map)
-    flat = s.reshape(s.shape[0], -1)
-    inside = binarize_map(h, threshold).reshape(s.shape[0], -1)
-    at_max = flat >= flat.max(axis=1, keepdims=True)
-    hits = np.sum(at_max & inside, axis=1) / np.sum(at_max, axis=1)
-    return np.where(inside.any(axis=1), hits, np.nan)
-
-
-def top_q_mask(saliency: Array, q: float = 0.1) -> np.ndarray:
+def top_q_mask(saliency: ArrayLike, q: float = 0.1) -> np.ndarray:
     """The top-q region of each map: pixels among the `ceil(q * H * W)` largest values AND positive.
 
     Ties at the cut-off value are all included; non-positive pixels never are (a pixel without
@@ -160,7 +67,7 @@ def top_q_mask(saliency: Array, q: float = 0.1) -> np.ndarray:
     return ((flat >= kth) & (flat > 0)).reshape(s.shape)
 
 
-def iou(first: Array, second: Array) -> np.ndarray:
+def iou(first: ArrayLike, second: ArrayLike) -> np.ndarray:
     """Intersection over union of two boolean masks (B, H, W), per image: (B,); NaN if both are empty."""
     a, b = np.asarray(first, bool), np.asarray(second, bool)
     if a.shape != b.shape or a.ndim != 3:
@@ -171,7 +78,7 @@ def iou(first: Array, second: Array) -> np.ndarray:
         return np.where(union > 0, inter / union, np.nan)
 
 
-def top_q_iou(saliency: Array, saliency_map: Array, *, q: float = 0.1, threshold: float = 0.5) -> np.ndarray:
+def top_q_iou(saliency: ArrayLike, saliency_map: ArrayLike, *, q: float = 0.1, threshold: float = 0.5) -> np.ndarray:
     """IoU of the top-q region of `s` (`top_q_mask`) with `M = H >= threshold`, per image: (B,).
 
     At most `min(q, a) / max(q, a)` for a map covering a fraction `a` of the image.
@@ -181,7 +88,7 @@ def top_q_iou(saliency: Array, saliency_map: Array, *, q: float = 0.1, threshold
 
 
 def top_q_precision(
-    saliency: Array, saliency_map: Array, *, q: float = 0.1, threshold: float = 0.5
+    saliency: ArrayLike, saliency_map: ArrayLike, *, q: float = 0.1, threshold: float = 0.5
 ) -> np.ndarray:
     """Fraction of the top-q region of `s` that lies inside `M`, per image: (B,); NaN if the region is empty."""
     s, h = _check_pair(saliency, saliency_map)
@@ -192,14 +99,12 @@ def top_q_precision(
         return np.where(size > 0, inside / size, np.nan)
 
 
-def connected_components(mask: Array, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
+def connected_components(mask: ArrayLike, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
     """Labels the connected components of a 2-D boolean mask (H, W).
 
     `connectivity` 4 (edge neighbours) or 8 (edges and corners). Returns (labels int32 (H, W), 0
     outside the mask and 1..n for the components in row-major order of their first pixel; n).
     """
-    from scipy import ndimage  # scipy comes with jax
-
     m = np.asarray(mask, bool)
     if m.ndim != 2:
         raise ValueError(f"mask must have shape (H, W); got {m.shape}")
@@ -229,8 +134,8 @@ class Region(NamedTuple):
 
 
 def top_regions(
-    values: Array,
-    saliency_map: Array | None = None,
+    values: ArrayLike,
+    saliency_map: ArrayLike | None = None,
     *,
     q: float = 0.1,
     threshold: float = 0.5,
@@ -260,8 +165,6 @@ def top_regions(
     if n == 0:
         return np.zeros(v.shape, np.int32), []
     index = np.arange(1, n + 1)
-    from scipy import ndimage
-
     energy = np.asarray(ndimage.sum_labels(positive, labels, index), np.float64)
     area = np.asarray(ndimage.sum_labels(np.ones_like(v), labels, index), np.float64)
     inside = (
@@ -298,7 +201,7 @@ def top_regions(
     return ranked, regions
 
 
-def aggregate(values: Array) -> dict[str, float | int]:
+def aggregate(values: ArrayLike) -> dict[str, float | int]:
     """Mean, standard deviation (population, ddof 0) and count of the finite entries of `values` (N,).
 
     NaN (undefined per-image values, samples without a map) are skipped; mean and std are NaN when
