@@ -168,6 +168,11 @@ def _compiled_explain_fn(graphdef: Any, methods: tuple[str, ...], options: tuple
                 net, images, score, key=key, nt_samples=sg_samples, stdevs=sg_stdevs, nt_type=sg_type,
                 internal_batch_size=steps_per_pass if sg_samples <= max_unroll else None)
             maps["smoothgrad"] = _reduce_channels(grads, reduce)
+        if "rrr_gradient" in wanted:
+            # RRR's score over all classes, through the same forward pass: a second VJP, no second forward.
+            cotangent = jax.grad(lambda z: jnp.sum(saliency.sum_log_softmax_score(z)))(logits)
+            (rrr_grad,) = features_vjp(head_vjp(cotangent)[0])
+            maps["rrr_gradient"] = jnp.sum(rrr_grad.astype(jnp.float32), axis=-1)
         if cams_needed:
             cams = saliency.class_activation_maps(net.head, feature_map).astype(jnp.float32)  # (B, h, w, K)
             true_cam = saliency.select_class(cams, labels)

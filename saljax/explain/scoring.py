@@ -19,6 +19,7 @@ from saljax.explain.engine import make_explain_fn, model_attr, resolve_methods
 from saljax.explain.settings import (
     MAP_METRICS,
     REGION_METRICS,
+    SET_METRICS,
     ExplainConfig,
     ExplainResults,
     Selected,
@@ -36,14 +37,48 @@ def _margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def _map_metrics(s: np.ndarray, smap: np.ndarray, has_map: np.ndarray, config: ExplainConfig) -> dict[str, np.ndarray]:
     """Every `MAP_METRICS` value of maps s (B, H, W) against smap; NaN where there is no map."""
     q, t = config.top_q, config.map_threshold
+    k = max(1, round(q * s.shape[1] * s.shape[2]))  # top-k intersection: the top-q share of the pixels
     out = {
         "energy_inside": metrics.energy_inside(s, smap),
         "auc": metrics.pixel_auc(s, smap, threshold=t),
         "pointing_game": metrics.pointing_game(s, smap, threshold=t),
         "iou_top_q": metrics.top_q_iou(s, smap, q=q, threshold=t),
         "precision_top_q": metrics.top_q_precision(s, smap, q=q, threshold=t),
+        "attribution_localisation": metrics.attribution_localisation(s, smap, threshold=t),
+        "top_k_intersection": metrics.top_k_intersection(s, smap, k, threshold=t),
+        "relevance_rank_accuracy": metrics.relevance_rank_accuracy(s, smap, threshold=t),
+        "relevance_mass_accuracy": metrics.relevance_mass_accuracy(s, smap, threshold=t),
+        "energy_pointing_game": metrics.energy_pointing_game(s, smap, threshold=t),
+        "saliency_iou": metrics.saliency_iou(s, smap, threshold=t),
     }
-    return {k: np.where(has_map, v, np.nan) for k, v in out.items()}
+    return {k: np.where(has_map, np.asarray(v, np.float64), np.nan) for k, v in out.items()}
+
+
+class _WrongReason:
+    """XIL's WR of one map kind over a split, streamed: the threshold needs every image first.
+
+    `t` is the mean over all images of each normalised map's mean; `WR_n = 100 * sum(A [m > t]) /
+    sum(A)` with `A = 1 - H` (the region that must not matter) on images with a map. Only the
+    normalised values on `A` are kept until the end (memory grows with the split's `A` pixels).
+    """
+
+    def __init__(self) -> None:
+        self.mean_sum, self.count = 0.0, 0
+        self.kept: list[tuple[np.ndarray, np.ndarray] | None] = []
+
+    def add(self, maps: np.ndarray, smap: np.ndarray, has_map: np.ndarray) -> None:
+        normalised = np.asarray(metrics.normalize_maps(maps), np.float32)
+        self.mean_sum += float(normalised.mean(axis=(1, 2)).sum())
+        self.count += len(normalised)
+        for m, h, has in zip(normalised, smap, has_map):
+            region = 1.0 - h
+            on = region > 0
+            self.kept.append((m[on], region[on]) if has and on.any() else None)
+
+    def per_image(self) -> np.ndarray:
+        t = self.mean_sum / max(self.count, 1)
+        return np.array([np.nan if item is None else 100.0 * float(np.sum(item[1] * (item[0] > t)) / np.sum(item[1]))
+                         for item in self.kept])
 
 
 def _region_metrics(
@@ -162,7 +197,8 @@ def explain(
         rank_key = _default_rank_key(methods, config.map_metrics)
     else:
         rank_key = rank_by
-        allowed = ["margin"] + [f"{m}/{k}" for m in methods for k in MAP_METRICS if config.map_metrics]
+        allowed = ["margin"] + [f"{m}/{k}" for m in methods for k in MAP_METRICS
+                                if config.map_metrics and k not in SET_METRICS]
         if "divergence" in methods:
             allowed += [f"divergence/{k}" for k in REGION_METRICS]
         if rank_key not in allowed:
@@ -177,6 +213,7 @@ def explain(
     kept: dict[int, Selected] = {}
     image_shape = None
     offset = 0
+    wrong_reason = {m: _WrongReason() for m in methods} if config.map_metrics else {}
 
     def finish(chunk: dict[str, np.ndarray], valid: int, out: dict[str, Any]) -> None:
         nonlocal offset
@@ -198,6 +235,7 @@ def explain(
             if config.map_metrics:
                 for name, value in _map_metrics(out["maps"][method], smap, has_map, config).items():
                     cols[f"{method}/{name}"] = value
+                wrong_reason[method].add(out["maps"][method], smap, has_map)
         region_info: list[tuple[np.ndarray, list[metrics.Region]]] = []
         if "divergence" in methods:
             rows = {k: np.full(valid, np.nan) for k in REGION_METRICS}
@@ -260,6 +298,8 @@ def explain(
     if offset == 0:
         raise ValueError("explain got no images: the batches are empty")
     per_image = {k: np.concatenate(v) for k, v in columns.items()}
+    for method, streamed in wrong_reason.items():
+        per_image[f"{method}/wrong_reason"] = streamed.per_image()
     if config.map_metrics and not per_image["has_map"].any():
         raise ValueError(
             f"no sample of split {split_name!r} has a human saliency map (has_map is False for all "

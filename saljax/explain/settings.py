@@ -17,17 +17,35 @@ METHODS = (
     "cam_true",
     "cam_false",
     "divergence",
+    "rrr_gradient",
 )
 #: Maps computed from input gradients (reduced over channels to a non-negative 2-D map).
 GRADIENT_METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad")
+#: RRR's input gradient `d/dx sum_k log p_k` summed over channels (signed; XIL's "IG" map for WR).
+SUM_LOG_SOFTMAX_METHODS = ("rrr_gradient",)
 #: Maps that need CAMs, exact only for a GAP + Dense head (`head_type == 'gap'`).
 CAM_METHODS = ("cam_true", "cam_false", "divergence")
 #: Maps defined for binary models only (the "false" class is `1 - label`).
 BINARY_METHODS = ("cam_true", "cam_false", "divergence")
 #: Maps that may be negative (metrics use their positive part as energy).
-SIGNED_METHODS = ("cam_true", "cam_false", "divergence")
+SIGNED_METHODS = ("cam_true", "cam_false", "divergence", "rrr_gradient")
 #: Per-image metrics of every map against the human map.
-MAP_METRICS = ("energy_inside", "auc", "pointing_game", "iou_top_q", "precision_top_q")
+MAP_METRICS = (
+    "energy_inside",
+    "auc",
+    "pointing_game",
+    "iou_top_q",
+    "precision_top_q",
+    "attribution_localisation",
+    "top_k_intersection",
+    "relevance_rank_accuracy",
+    "relevance_mass_accuracy",
+    "energy_pointing_game",
+    "saliency_iou",
+    "wrong_reason",
+)
+#: Map metrics that need a statistic of the whole split first (not available to rank images by).
+SET_METRICS = ("wrong_reason",)
 #: Per-image metrics of the top regions of the divergence map.
 REGION_METRICS = ("top_region_overlap", "top_region_energy_fraction", "num_regions")
 
