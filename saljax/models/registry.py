@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
@@ -85,4 +86,5 @@ def create(
         raise ValueError(f"unknown argument(s) {unknown} for model {name!r}; it accepts {sorted(accepted)}")
     if input_size is not None and "input_size" in accepted:
         kwargs["input_size"] = input_size
-    return cls(num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+    factory: Callable[..., ImageClassifier] = cls  # subclasses take these keywords (see register)
+    return factory(num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
