@@ -10,9 +10,10 @@ all alike; the table reports medians after warm-up and each loss's ratio to the 
 
 `--devices N` splits the batch over N devices (on CPU: N XLA host devices, set before JAX starts);
 `--sweep-devices 1,2,4` runs one subprocess per count and compares their CE and GradMask steps.
-`--conv both` also times every loss on the same model with every convolution as
-`lax.conv_general_dilated` (what saljax's models use off CPU and for stride 1), interleaved with
-the default steps, and adds that form's ratios and the speed-up of saljax's CPU form over it.
+`--conv both` also times every loss on the same model built with `conv_impl="xla"` (every
+convolution as `lax.conv_general_dilated`, what `conv_impl="auto"` uses off CPU and for stride 1),
+interleaved with the default steps, and adds that form's ratios and the speed-up of saljax's CPU
+form over it.
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ def measure(args) -> dict:
     from saljax import losses, models, parallel, train
 
     kwargs = {"width": args.width} if args.model.startswith("resnet") else {}
-    model = models.create(args.model, num_classes=2, in_channels=args.channels, rngs=nnx.Rngs(0),
-                          dtype=jnp.dtype(args.dtype), **kwargs)
+
+    def build(**extra):
+        return models.create(args.model, num_classes=2, in_channels=args.channels, rngs=nnx.Rngs(0),
+                             input_size=(args.image_size, args.image_size), dtype=jnp.dtype(args.dtype), **kwargs, **extra)
+
+    model = build()
     optimizer = optax.sgd(1e-3, momentum=0.9)
     model_def, state0 = train.init_train_state(model, optimizer)
     mesh = parallel.make_mesh(args.devices) if args.devices else None
@@ -92,12 +97,11 @@ def measure(args) -> dict:
     # Step names are "<loss>" for saljax's models and "<loss>@lax" for the lax-conv variant.
     defs = {"": model_def}
     if args.conv == "both":
-        # Same parameters, every nnx.Conv switched to XLA's convolution (a static attribute, so
-        # only the graph definition changes).
-        for _, node in nnx.iter_graph(model):
-            if isinstance(node, nnx.Conv):
-                node.conv_general_dilated = jax.lax.conv_general_dilated
-        defs["@lax"] = train.init_train_state(model, optimizer)[0]
+        # The same model (same seed: same parameters) with conv_impl='xla': every convolution as
+        # lax.conv_general_dilated; only the graph definition differs.
+        lax_def, lax_state = train.init_train_state(build(conv_impl="xla"), optimizer)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(lax_state), jax.device_get(state0))
+        defs["@lax"] = lax_def
     names = [loss + variant for loss in args.losses.split(",") for variant in defs]
     steps, states = {}, {}
     for name in names:

@@ -1,4 +1,4 @@
-"""PyTorch SimpleCNN, ResNet18 and ResNet50 with the architecture and options of saljax.models.
+"""PyTorch SimpleCNN, ResNet18, ResNet50, MLP and XILCNN with the architecture and options of saljax.models.
 
 Layout NCHW (saljax: NHWC). Every model offers the interface the losses use:
 
@@ -7,8 +7,10 @@ Layout NCHW (saljax: NHWC). Every model offers the interface the losses use:
   forward(x) = head(features(x))
 
 Module names follow the flax paths of saljax.models so that `layout` maps one onto the other by
-renaming: `convs.<i>`, `norms.<i>`, `hidden`, `classifier`, `conv1`, `bn1`,
-`layer{1..4}.<j>.{conv1, bn1, conv2, bn2, conv3, bn3, downsample_conv, downsample_bn}`.
+renaming: `convs.<i>`, `norms.<i>`, `hidden`, `deeper.<i>`, `classifier`, `conv1`, `bn1`,
+`layer{1..4}.<j>.{conv1, bn1, conv2, bn2, conv3, bn3, downsample_conv, downsample_bn}`. `hidden` is
+always the dense layer that reads a flattened map or image; `mlp_feature_shape` (h, w, C) is that
+map's shape, which `layout` needs to reorder its weight.
 
 Hyperparameters as saljax: padding k // 2 on every side, max-pool 3x3/2 padding 1, BatchNorm
 momentum 0.1 and eps 1e-5 (PyTorch defaults; flax's 0.9 is the same average). PyTorch updates
@@ -19,7 +21,8 @@ exactly): bfloat16 features are upcast, float64 stay float64.
 Initialisation mirrors saljax's distributions (not its random streams): conv kernels Kaiming
 normal (fan_out, untruncated), conv biases zero, dense kernels LeCun normal truncated at 2 std,
 dense biases zero, BatchNorm scale 1 (0 for the last of each residual branch with
-`zero_init_residual`) and bias 0.
+`zero_init_residual`) and bias 0. MLP and XILCNN keep PyTorch's default initialisation, as saljax does
+for them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "SimpleCNN", "ResNet18", "ResNet50", "create", "MODEL_NAMES"]
+__all__ = ["ACTIVATIONS", "SimpleCNN", "ResNet18", "ResNet50", "MLP", "XILCNN", "create", "MODEL_NAMES"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -283,12 +286,97 @@ class ResNet50(_ResNet):
     _default_stem = "imagenet"
 
 
-_REGISTRY: dict[str, type[_Classifier]] = {"simple_cnn": SimpleCNN, "resnet18": ResNet18, "resnet50": ResNet50}
+def _size(value: int | Sequence[int]) -> tuple[int, int]:
+    h, w = (value, value) if isinstance(value, int) else tuple(value)
+    return int(h), int(w)
+
+
+class MLP(_Classifier):
+    """RRR's MLP: flatten (C, H, W) -> `hidden` -> act -> `deeper.<i>` -> act -> `classifier`.
+
+    features: the last hidden layer as a (B, C', 1, 1) map; head: `classifier` on it ('dense').
+    `mlp_feature_shape` is the image's (H, W, C): `hidden` reads the flattened image.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 1,
+        input_size: int | Sequence[int] = (28, 28),
+        hidden_sizes: Sequence[int] = (50, 50),
+        activation: str | Activation = "relu",
+    ) -> None:
+        super().__init__()
+        h, w = _size(input_size)
+        sizes = tuple(hidden_sizes)
+        self.num_classes, self.in_channels, self.head_type = num_classes, in_channels, "dense"
+        self.input_size = (h, w)
+        self.activation = _activation(activation)
+        self.feature_channels = sizes[-1]
+        self.mlp_feature_shape: tuple[int, int, int] = (h, w, in_channels)
+        self.hidden = nn.Linear(h * w * in_channels, sizes[0])
+        self.deeper = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
+        self.classifier = nn.Linear(sizes[-1], num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.activation(self.hidden(torch.flatten(x, 1)))
+        for layer in self.deeper:
+            h = self.activation(layer(h))
+        return h[:, :, None, None]
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(a.device.type, enabled=False):
+            a = a.to(torch.promote_types(a.dtype, torch.float32))
+            return self.classifier(torch.flatten(a, 1))
+
+
+class XILCNN(_Classifier):
+    """XIL's DecoyMNIST CNN: [conv 5x5 (VALID, bias) -> act -> max-pool 2x2] x 2 = features; head:
+    flatten (C, h, w) -> `hidden` -> act -> `classifier` ('mlp')."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 1,
+        input_size: int | Sequence[int] = (28, 28),
+        channels: Sequence[int] = (20, 50),
+        kernel_size: int = 5,
+        mlp_hidden: int = 256,
+        activation: str | Activation = "relu",
+    ) -> None:
+        super().__init__()
+        h, w = _size(input_size)
+        channels = tuple(channels)
+        self.num_classes, self.in_channels, self.head_type = num_classes, in_channels, "mlp"
+        self.activation = _activation(activation)
+        self.feature_channels = channels[-1]
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, kernel_size) for a, b in zip((in_channels, *channels), channels)])
+        for _ in channels:
+            h, w = (h - kernel_size + 1) // 2, (w - kernel_size + 1) // 2
+        self.mlp_feature_shape = (h, w, channels[-1])
+        self.hidden = nn.Linear(h * w * channels[-1], mlp_hidden)
+        self.classifier = nn.Linear(mlp_hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.max_pool2d(self.activation(conv(x)), 2, 2)
+        return x
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(a.device.type, enabled=False):
+            a = a.to(torch.promote_types(a.dtype, torch.float32))
+            return self.classifier(self.activation(self.hidden(torch.flatten(a, 1))))
+
+
+_REGISTRY: dict[str, type[_Classifier]] = {"simple_cnn": SimpleCNN, "resnet18": ResNet18, "resnet50": ResNet50,
+                                           "mlp": MLP, "xil_cnn": XILCNN}
 MODEL_NAMES = tuple(_REGISTRY)
 
 
 def create(name: str, **kwargs) -> _Classifier:
-    """A model by saljax's name ('simple_cnn', 'resnet18', 'resnet50') and constructor arguments."""
+    """A model by saljax's name ('simple_cnn', 'resnet18', 'resnet50', 'mlp', 'xil_cnn') and constructor arguments."""
     if name not in _REGISTRY:
         raise ValueError(f"name must be one of {list(MODEL_NAMES)}; got {name!r}")
     return _REGISTRY[name](**kwargs)

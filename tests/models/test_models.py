@@ -183,7 +183,7 @@ def test_strided_conv_as_matmul_matches_lax_to_second_order(kernel, stride, padd
         out = lambda x: jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=dims)))
         return jnp.sum(jax.grad(out)(x) ** 2)
 
-    ours, ref = models._conv_general_dilated, jax.lax.conv_general_dilated
+    ours, ref = models.conv.auto_conv_general_dilated, jax.lax.conv_general_dilated
     np.testing.assert_allclose(ours(x, w, strides, padding, dimension_numbers=dims),
                                ref(x, w, strides, padding, dimension_numbers=dims), rtol=1e-12, atol=1e-12)
     for argnum in (1, 2):
@@ -204,7 +204,8 @@ def test_conv_keeps_lax_for_stride_one_dilation_groups_and_negative_padding():
         (jnp.ones((3, 3, 4, 4)), (2, 2), ((1, -1), (0, 0)), {}),
     ]
     for w, strides, pad, extra in cases:
-        f = lambda x, w: models._conv_general_dilated(x, w, strides, pad, dimension_numbers=dims, **extra)
+        f = lambda x, w, strides=strides, pad=pad, extra=extra: models.conv.auto_conv_general_dilated(
+            x, w, strides, pad, dimension_numbers=dims, **extra)
         assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, w))
         np.testing.assert_allclose(
             f(x, w), jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=dims, **extra)
@@ -310,10 +311,11 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(probed, config):
 
 
 def test_create_builds_every_model():
-    assert set(models.MODEL_NAMES) == {"simple_cnn", "resnet18", "resnet50"}
-    expected = {"simple_cnn": models.SimpleCNN, "resnet18": models.ResNet18, "resnet50": models.ResNet50}
+    assert set(models.MODEL_NAMES) == {"simple_cnn", "resnet18", "resnet50", "mlp", "xil_cnn"}
+    expected = {"simple_cnn": models.SimpleCNN, "resnet18": models.ResNet18, "resnet50": models.ResNet50,
+                "mlp": models.MLP, "xil_cnn": models.XILCNN}
     for name, cls in expected.items():
-        kwargs = {} if name == "simple_cnn" else {"width": 2}
+        kwargs = {"width": 2} if name.startswith("resnet") else {}
         model = models.create(name, num_classes=5, in_channels=2, rngs=nnx.Rngs(0), **kwargs)
         assert type(model) is cls
         assert (model.num_classes, model.in_channels) == (5, 2)
