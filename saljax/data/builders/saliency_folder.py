@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
 
-from saljax.data import _common
+from saljax.data import registry
+from saljax.data.builders import _base
 
 _DESCRIPTION = """\
 Saliency folder: images, labels and optional human saliency maps that the user keeps in a local
@@ -128,22 +129,22 @@ class SaliencyFolderConfig(tfds.core.BuilderConfig):
         self.csv_path = os.fspath(self.csv_path)
         self.class_names = tuple(str(c) for c in self.class_names)
         self.group_names = tuple(str(g) for g in self.group_names)
-        _common.check(
+        _base.check(
             len(self.class_names) >= 2 and len(set(self.class_names)) == len(self.class_names),
             "class_names",
             "at least two distinct class names",
             self.class_names,
         )
-        _common.check(
+        _base.check(
             len(set(self.group_names)) == len(self.group_names),
             "group_names",
             "distinct names",
             self.group_names,
         )
         if not isinstance(self.image_size, int):
-            self.image_size = tuple(int(s) for s in self.image_size)
+            self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]  # checked below
         height, width = self.height_width
-        _common.check(
+        _base.check(
             height >= 1
             and width >= 1
             and (isinstance(self.image_size, int) or len(self.image_size) == 2),
@@ -151,19 +152,19 @@ class SaliencyFolderConfig(tfds.core.BuilderConfig):
             "a positive int or a (height, width) pair",
             self.image_size,
         )
-        _common.check(self.channels in (1, 3), "channels", "1 or 3", self.channels)
-        _common.check_fraction(self.validation_fraction, "validation_fraction")
-        _common.check_fraction(self.test_fraction, "test_fraction")
-        _common.check(
+        _base.check(self.channels in (1, 3), "channels", "1 or 3", self.channels)
+        _base.check_fraction(self.validation_fraction, "validation_fraction")
+        _base.check_fraction(self.test_fraction, "test_fraction")
+        _base.check(
             self.validation_fraction + self.test_fraction <= 1.0,
             "validation_fraction + test_fraction",
             "at most 1",
             self.validation_fraction + self.test_fraction,
         )
-        _common.check(
+        _base.check(
             self.aspect_tolerance >= 0, "aspect_tolerance", "non-negative", self.aspect_tolerance
         )
-        _common.check_count(self.seed, "seed", minimum=0)
+        _base.check_count(self.seed, "seed", minimum=0)
 
     @property
     def height_width(self) -> tuple[int, int]:
@@ -398,7 +399,8 @@ def load_map(path: str, config: SaliencyFolderConfig) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-class SaliencyFolder(_common.SaliencyDatasetBuilder):
+@registry.register
+class SaliencyFolder(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")
@@ -411,6 +413,19 @@ class SaliencyFolder(_common.SaliencyDatasetBuilder):
         ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "binary"
+
+    @classmethod
+    def resolve_overrides(
+        cls, base: tfds.core.BuilderConfig, overrides: dict[str, Any], manual_dir: str | os.PathLike[str] | None
+    ) -> dict[str, Any]:
+        """A relative ``csv_path`` becomes absolute against ``manual_dir``."""
+        if manual_dir is None:
+            return overrides
+        csv_path = os.fspath(overrides.get("csv_path", base.csv_path))
+        if os.path.isabs(csv_path):
+            return overrides
+        folder = os.path.expanduser(os.fspath(manual_dir))
+        return {**overrides, "csv_path": os.path.abspath(os.path.join(folder, csv_path))}
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config

@@ -96,7 +96,7 @@ def check_count(value: int, field: str, minimum: int = 1) -> None:
     )
 
 
-class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
     """Base of the saljax builders.
 
     - Writes ``array_record`` by default: it is the format that grain reads and the one that
@@ -119,6 +119,18 @@ class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
             return epath.Path(inspect.getfile(cls))
         except (TypeError, OSError):
             return None
+
+    @classmethod
+    def resolve_overrides(
+        cls, base: tfds.core.BuilderConfig, overrides: dict[str, Any], manual_dir: str | os.PathLike[str] | None
+    ) -> dict[str, Any]:
+        """The config overrides ``saljax.data.build`` applies to ``base``; identity by default.
+
+        A builder that reads the user's files overrides this, e.g. to make a path relative to
+        ``manual_dir`` absolute so that different folders never share a config name.
+        """
+        del base, manual_dir
+        return overrides
 
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
         super().__init__(file_format=file_format or "array_record", **kwargs)

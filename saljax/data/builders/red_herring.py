@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Red herring: the synthetic task of Viviano, Simpson, Dutil, Bengio and Cohen (2021, "Saliency is
@@ -82,11 +83,11 @@ class RedHerringConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
-            _common.check_count(getattr(self, name), name, minimum=2)
+            _base.check_count(getattr(self, name), name, minimum=2)
         for name in ("train_seed", "validation_seed", "test_seed"):
-            _common.check_count(getattr(self, name), name, minimum=0)
-        _common.check(0.0 < float(self.mask_sigma) <= 3.0, "mask_sigma", "a number in (0, 3]", self.mask_sigma)
-        _common.check_fraction(self.map_fraction, "map_fraction")
+            _base.check_count(getattr(self, name), name, minimum=0)
+        _base.check(0.0 < float(self.mask_sigma) <= 3.0, "mask_sigma", "a number in (0, 3]", self.mask_sigma)
+        _base.check_fraction(self.map_fraction, "map_fraction")
 
 
 def distractor_mask(label: int) -> np.ndarray:
@@ -190,7 +191,8 @@ def render_example(label: int, split: str, index: int, config: RedHerringConfig)
     }
 
 
-class RedHerring(_common.SaliencyDatasetBuilder):
+@registry.register
+class RedHerring(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")
