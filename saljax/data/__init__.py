@@ -25,6 +25,7 @@ from saljax.data.builders import (
     SaliencyFolderConfig,
     SpuriousBinary,
     SpuriousBinaryConfig,
+    StaleDatasetError,
     SyntheticDistractor,
     SyntheticDistractorConfig,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "SaliencyLoader",
     "SpuriousBinary",
     "SpuriousBinaryConfig",
+    "StaleDatasetError",
     "SyntheticDistractor",
     "SyntheticDistractorConfig",
     "augment_example",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +78,9 @@ def resolve_config(
     changed = ", ".join(f"{k}={v!r}" for k, v in fields.items() if base_fields[k] != v)
     return dataclasses.replace(
         candidate,
-        name=f"{base.name}_{_base.config_digest(candidate)}",
+        name=cls.derived_config_name(base, candidate)
+        if issubclass(cls, _base.SaliencyDatasetBuilder)
+        else f"{base.name}_{_base.config_digest(candidate)}",
         description=f"The {base.name!r} config with {changed}.",
     )
 
@@ -103,30 +107,76 @@ def build(
       config: a registered config name or a ``BuilderConfig``.
       manual_dir: the folder of ``saliency_folder`` (holding the CSV unless ``csv_path`` is
         absolute).
-      rebuild: delete and regenerate the data even if it exists (e.g. after editing the CSV).
+      rebuild: regenerate the data even if a prepared copy exists (e.g. after editing the CSV).
+        The new copy is built and checked beside the old one and replaces it only when complete;
+        a failed rebuild leaves the old copy untouched.
       **config_overrides: config fields to change (see ``resolve_config``).
 
     Returns:
       The ``tfds.core.DatasetBuilder`` after ``download_and_prepare``, writing array_record files
       under ``data_dir/<name>/<config name>/<version>``.
+
+    Raises:
+      StaleDatasetError: the prepared copy is older than its source (``saliency_folder``: the CSV
+        changed) and ``rebuild`` is False.
     """
     resolved = resolve_config(name, config, manual_dir=manual_dir, **config_overrides)
-    builder = registry.builder_class(name.split("/", 1)[0])(
-        data_dir=os.path.expanduser(os.fspath(data_dir)), config=resolved, file_format="array_record"
+    cls = registry.builder_class(name.split("/", 1)[0])
+    root = os.path.expanduser(os.fspath(data_dir))
+    builder = cls(data_dir=root, config=resolved, file_format="array_record")
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None,
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+        try_download_gcs=False,
     )
-    mode = (
-        tfds.download.GenerateMode.FORCE_REDOWNLOAD
-        if rebuild
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None,
-            download_mode=mode,
-            try_download_gcs=False,
-        )
-    )
+    if builder.is_prepared():
+        if rebuild:
+            return _rebuild_beside(cls, builder, download_config)
+        reason = builder.stale_reason() if isinstance(builder, _base.SaliencyDatasetBuilder) else None
+        if reason is not None:
+            raise _base.StaleDatasetError(f"{resolved.name}: {reason}")
+    builder.download_and_prepare(download_config=download_config)
     return builder
+
+
+def _check_prepared(builder: tfds.core.DatasetBuilder) -> None:
+    """Opens every split and reads its first and last example; raises if a split is unreadable."""
+    for split, info in builder.info.splits.items():
+        source = builder.as_data_source(split)
+        if len(source) != info.num_examples:
+            raise ValueError(f"rebuilt split {split!r} holds {len(source)} examples; its info says {info.num_examples}")
+        if len(source):
+            _ = source[0], source[len(source) - 1]
+
+
+def _rebuild_beside(
+    cls: type[tfds.core.DatasetBuilder],
+    old: tfds.core.DatasetBuilder,
+    download_config: tfds.download.DownloadConfig,
+) -> tfds.core.DatasetBuilder:
+    """Builds a fresh copy in a staging folder next to ``old``'s data, checks it, then swaps it in.
+
+    Until the two renames at the end nothing touches the old copy, so a failed or interrupted
+    rebuild leaves it usable.
+    """
+    root = os.fspath(old.data_dir_root)
+    staging = tempfile.mkdtemp(prefix=f".{old.name}-rebuild-", dir=root)
+    try:
+        fresh = cls(data_dir=staging, config=old.builder_config, file_format="array_record")
+        fresh.download_and_prepare(download_config=download_config)
+        _check_prepared(fresh)
+        target, built = os.fspath(old.data_path), os.fspath(fresh.data_path)
+        retired = f"{target}.replaced-{os.getpid()}"
+        os.replace(target, retired)
+        try:
+            os.replace(built, target)
+        except BaseException:
+            os.replace(retired, target)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cls(data_dir=root, config=old.builder_config, file_format="array_record")
 
 
 def _field(section: Any, name: str, default: Any = None) -> Any:

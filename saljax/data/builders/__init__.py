@@ -4,6 +4,7 @@ This is the one list of builder modules: a new dataset is a new module here that
 builder class with ``saljax.data.registry.register``.
 """
 
+from saljax.data.builders._base import StaleDatasetError
 from saljax.data.builders.decoy_digits import DecoyDigits, DecoyDigitsConfig
 from saljax.data.builders.decoy_mnist import DecoyMnist, DecoyMnistConfig
 from saljax.data.builders.red_herring import RedHerring, RedHerringConfig
@@ -23,6 +24,7 @@ __all__ = [
     "SaliencyFolder",
     "SaliencyFolderConfig",
     "SpuriousBinary",
+    "StaleDatasetError",
     "SpuriousBinaryConfig",
     "SyntheticDistractor",
     "SyntheticDistractorConfig",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import re
@@ -12,19 +11,28 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, ImageOps
+from PIL import Image
 
 from saljax.data import registry
-from saljax.data.builders import _base
+from saljax.data.builders import _base, _folder_csv
+from saljax.data.builders._folder_csv import (
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    FolderDatasetError,
+    FolderProblem,
+    FolderRow,
+)
 
 _DESCRIPTION = """\
 Saliency folder: images, labels and optional human saliency maps that the user keeps in a local
 folder, described by one CSV file. Nothing is downloaded.
 
-CSV layout (header row required; column names are case-insensitive; other columns are ignored):
+CSV layout (UTF-8; header row required; column names are case-insensitive; other columns are
+ignored):
 - `image` (required): path of a PNG/JPEG/any Pillow-readable image, absolute or relative to the
   CSV's folder.
-- `label` (required): the class name, exactly one of the config's `class_names`.
+- `label` (required): the class name. Without `class_names` in the config the classes are the
+  CSV's distinct labels, sorted (and logged); with it, every label must be one of them.
 - `map` (optional): path of a grayscale saliency map (black 0 = not salient, white 1 =
   salient); any size with the same aspect ratio as its image. Blank = no map.
 - `group` (optional): a non-negative integer, or one of the config's `group_names`
@@ -36,77 +44,60 @@ CSV layout (header row required; column names are case-insensitive; other column
 
 How it is made: images are decoded with Pillow, EXIF orientation applied, converted to RGB
 (`channels=3`) or grayscale (`channels=1`) and resized (bilinear, aspect ratio not kept) to
-`image_size`. Maps are read as grayscale, scaled to [0, 1] (8-bit by 255, 16-bit by 65535) and
-resized (bilinear) to the same size. Every row is checked before anything is written: a missing or
-unreadable file, a label that is not declared, a map whose aspect ratio differs from its image's
-(beyond `aspect_tolerance`), a bad group or split, an empty CSV or missing columns all stop the
-build with one `FolderDatasetError` that lists every offending row.
+`image_size`. Unless given, `channels` is 1 when every image is grayscale and 3 otherwise, and
+`image_size` is the images' common size (images of several sizes need an explicit `image_size`);
+resizing any image by more than 2x in height or width is announced in the log. Maps are read as
+grayscale, scaled to [0, 1] (8-bit by 255, 16-bit by 65535) and resized (bilinear) to the same
+size.
+
+Checks, all before anything is written, each problem one line naming the file, the CSV row and
+what was expected: a missing or unreadable file, a byte that is not UTF-8, a label that is not
+declared, a map whose aspect ratio differs from its image's (beyond `aspect_tolerance`), a bad
+group or split, an empty CSV or missing columns, and data leakage: the same image (by path or by
+file content) in two splits or under two labels, or listed twice with different maps. Exact
+duplicate rows are dropped with a warning giving their count.
 
 What the maps mean: `saliency_map` holds whatever the user's annotators marked (1 = evidence the
 model should use). Rows without a map get `has_map` False and an all-zero `saliency_map`, which
 the saliency losses ignore. `group` is 0 unless the CSV gives one.
+
+The prepared copy records the CSV's sha256; building again after the CSV changed stops with a
+message saying so, and `rebuild=True` regenerates it (the new copy replaces the old one only once
+it is complete).
 """
 
 _MANUAL_INSTRUCTIONS = """\
 Put a CSV file (default name `saliency.csv`, config field `csv_path`) with columns
 `image,label[,map][,group][,split]` in a folder together with the images and maps it refers to,
-and pass that folder as `tfds.download.DownloadConfig(manual_dir=...)`, or give an absolute
-`csv_path` in the config.
+and pass that folder as `manual_dir` (`saljax.data.build(..., manual_dir=...)`,
+`tfds.download.DownloadConfig(manual_dir=...)`), or give an absolute `csv_path` in the config.
 """
 
-REQUIRED_COLUMNS = ("image", "label")
-OPTIONAL_COLUMNS = ("map", "group", "split")
-_SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-@dataclasses.dataclass(frozen=True)
-class FolderProblem:
-    """One reason a folder dataset cannot be built.
-
-    Attributes:
-      row: line number in the CSV (the header is line 1), or None for a problem with the CSV as
-        a whole.
-      file: the file concerned (image, map or the CSV itself).
-      reason: what is wrong and what was expected.
-    """
-
-    row: int | None
-    file: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = "CSV" if self.row is None else f"row {self.row}"
-        return f"{where}: {self.file}: {self.reason}"
-
-
-class FolderDatasetError(ValueError):
-    """Raised before anything is written when a folder dataset's CSV or files are unusable.
-
-    Attributes:
-      csv_path: the CSV file.
-      problems: every problem found, in CSV order.
-    """
-
-    def __init__(self, csv_path: str, problems: Sequence[FolderProblem]):
-        self.csv_path = csv_path
-        self.problems = tuple(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(
-            f"cannot build saliency_folder from {csv_path}: {len(self.problems)} problem(s); "
-            f"nothing was written:\n{lines}"
-        )
+__all__ = [
+    "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "FolderDatasetError",
+    "FolderProblem",
+    "FolderRow",
+    "SaliencyFolder",
+    "SaliencyFolderConfig",
+    "assign_splits",
+    "load_image",
+    "load_map",
+    "read_rows",
+]
 
 
 @dataclasses.dataclass(eq=False)
 class SaliencyFolderConfig(tfds.core.BuilderConfig):
-    """Parameters of ``saliency_folder``.
+    """Parameters of ``saliency_folder``. Explicit values always win over inferred ones.
 
     Attributes:
       csv_path: the CSV file; absolute, or relative to the manual dir.
-      class_names: the classes; the ``label`` column must hold one of these names. The label
-        index is the position in this tuple.
-      image_size: output size, an int (square) or (height, width).
-      channels: 3 (RGB) or 1 (grayscale).
+      class_names: the classes, the label index being the position here; empty: the CSV's
+        distinct labels, sorted (``saljax.data.build`` fills them in).
+      image_size: output size, an int (square) or (height, width); None: the images' common size.
+      channels: 3 (RGB) or 1 (grayscale); None: 1 if every image is grayscale, else 3.
       group_names: optional names for the ``group`` column (its values may then be names).
       validation_fraction: share of rows with a blank ``split`` that go to ``validation``.
       test_fraction: share of rows with a blank ``split`` that go to ``test``.
@@ -116,9 +107,9 @@ class SaliencyFolderConfig(tfds.core.BuilderConfig):
     """
 
     csv_path: str = "saliency.csv"
-    class_names: tuple[str, ...] = ("0", "1")
-    image_size: int | tuple[int, int] = 224
-    channels: int = 3
+    class_names: tuple[str, ...] = ()
+    image_size: int | tuple[int, int] | None = None
+    channels: int | None = None
     group_names: tuple[str, ...] = ()
     validation_fraction: float = 0.0
     test_fraction: float = 0.0
@@ -130,254 +121,67 @@ class SaliencyFolderConfig(tfds.core.BuilderConfig):
         self.class_names = tuple(str(c) for c in self.class_names)
         self.group_names = tuple(str(g) for g in self.group_names)
         _base.check(
-            len(self.class_names) >= 2 and len(set(self.class_names)) == len(self.class_names),
-            "class_names",
-            "at least two distinct class names",
-            self.class_names,
+            not self.class_names or (len(self.class_names) >= 2 and len(set(self.class_names)) == len(self.class_names)),
+            "class_names", "empty (inferred) or at least two distinct class names", self.class_names,
         )
-        _base.check(
-            len(set(self.group_names)) == len(self.group_names),
-            "group_names",
-            "distinct names",
-            self.group_names,
-        )
-        if not isinstance(self.image_size, int):
-            self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]  # checked below
-        height, width = self.height_width
-        _base.check(
-            height >= 1
-            and width >= 1
-            and (isinstance(self.image_size, int) or len(self.image_size) == 2),
-            "image_size",
-            "a positive int or a (height, width) pair",
-            self.image_size,
-        )
-        _base.check(self.channels in (1, 3), "channels", "1 or 3", self.channels)
+        _base.check(len(set(self.group_names)) == len(self.group_names), "group_names", "distinct names",
+                    self.group_names)
+        if self.image_size is not None and not isinstance(self.image_size, int):
+            size = tuple(self.image_size)
+            _base.check(len(size) == 2, "image_size", "a positive int or a (height, width) pair", self.image_size)
+            self.image_size = (int(size[0]), int(size[1]))
+        if self.image_size is not None:
+            height, width = self.height_width
+            _base.check(height >= 1 and width >= 1, "image_size", "a positive int or a (height, width) pair",
+                        self.image_size)
+        _base.check(self.channels in (None, 1, 3), "channels", "1, 3 or None (inferred)", self.channels)
         _base.check_fraction(self.validation_fraction, "validation_fraction")
         _base.check_fraction(self.test_fraction, "test_fraction")
-        _base.check(
-            self.validation_fraction + self.test_fraction <= 1.0,
-            "validation_fraction + test_fraction",
-            "at most 1",
-            self.validation_fraction + self.test_fraction,
-        )
-        _base.check(
-            self.aspect_tolerance >= 0, "aspect_tolerance", "non-negative", self.aspect_tolerance
-        )
+        _base.check(self.validation_fraction + self.test_fraction <= 1.0, "validation_fraction + test_fraction",
+                    "at most 1", self.validation_fraction + self.test_fraction)
+        _base.check(self.aspect_tolerance >= 0, "aspect_tolerance", "non-negative", self.aspect_tolerance)
         _base.check_count(self.seed, "seed", minimum=0)
 
     @property
     def height_width(self) -> tuple[int, int]:
-        """(height, width) of the stored images."""
+        """(height, width) of the stored images.
+
+        Raises:
+          ValueError: ``image_size`` is still None (not inferred yet).
+        """
+        if self.image_size is None:
+            raise ValueError("config field 'image_size' is not set; saljax.data.build infers it from the images")
         if isinstance(self.image_size, int):
             return self.image_size, self.image_size
         return self.image_size[0], self.image_size[-1]
 
-
-@dataclasses.dataclass(frozen=True)
-class FolderRow:
-    """A validated CSV row."""
-
-    row: int
-    image: str
-    label: int
-    map: str | None
-    group: int
-    split: str | None
-
-
-def _open_oriented(path: str) -> Image.Image:
-    """Decodes the whole file (so truncated files fail here) and applies EXIF orientation."""
-    with Image.open(path) as img:
-        img.load()
-        return ImageOps.exif_transpose(img)
+    @property
+    def unresolved(self) -> tuple[str, ...]:
+        """The fields still left to inference (empty once the config is complete)."""
+        fields = (("class_names", not self.class_names), ("image_size", self.image_size is None),
+                  ("channels", self.channels is None))
+        return tuple(name for name, missing in fields if missing)
 
 
 def read_rows(csv_path: str, config: SaliencyFolderConfig) -> list[FolderRow]:
-    """Reads and validates every row of the CSV, opening every image and map once.
+    """Reads and validates every row of the CSV (see ``_folder_csv.read_rows``).
 
     Raises:
       FolderDatasetError: listing every problem found, if any.
     """
-    problems: list[FolderProblem] = []
-    if not os.path.isfile(csv_path):
-        raise FolderDatasetError(csv_path, [FolderProblem(None, csv_path, "CSV file not found")])
-    base = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise FolderDatasetError(
-                csv_path,
-                [
-                    FolderProblem(
-                        None,
-                        csv_path,
-                        "the CSV is empty; expected a header row "
-                        f"with columns {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}",
-                    )
-                ],
-            )
-        columns = [h.strip().lower() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise FolderDatasetError(
-                csv_path,
-                [
-                    FolderProblem(
-                        1,
-                        csv_path,
-                        f"missing required column(s) {', '.join(missing)}; "
-                        f"the header has {', '.join(columns)}",
-                    )
-                ],
-            )
-        records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
-    if not records:
-        raise FolderDatasetError(
-            csv_path, [FolderProblem(None, csv_path, "the CSV has no data rows")]
-        )
-
-    rows = []
-    for line, cells in records:
-        if len(cells) > len(columns):
-            problems.append(
-                FolderProblem(
-                    line,
-                    csv_path,
-                    f"has {len(cells)} cells but the header has {len(columns)} columns",
-                )
-            )
-            continue
-        cells = cells + [""] * (len(columns) - len(cells))  # Trailing blank cells may be omitted.
-        cell = {c: v.strip() for c, v in zip(columns, cells)}
-        row, row_problems = _validate_row(line, cell, base, config)
-        problems += row_problems
-        if row is not None:
-            rows.append(row)
-    if problems:
-        raise FolderDatasetError(csv_path, problems)
-    return rows
+    return _folder_csv.read_rows(csv_path, config.class_names, config.group_names, config.aspect_tolerance)
 
 
-def _validate_row(
-    line: int, cell: dict[str, str], base: str, config: SaliencyFolderConfig
-) -> tuple[FolderRow | None, list[FolderProblem]]:
-    problems: list[FolderProblem] = []
-
-    def check_file(name: str, column: str) -> tuple[str, Image.Image | None]:
-        path = os.path.join(base, name)
-        if not os.path.isfile(path):
-            problems.append(FolderProblem(line, path, f"{column} file not found"))
-            return path, None
-        try:
-            return path, _open_oriented(path)
-        except Exception as exc:  # pylint: disable=broad-except  # Pillow raises many types.
-            problems.append(
-                FolderProblem(line, path, f"{column} file unreadable ({type(exc).__name__}: {exc})")
-            )
-            return path, None
-
-    image_path, image = "", None
-    if not cell["image"]:
-        problems.append(FolderProblem(line, "(blank)", "the image column is empty"))
-    else:
-        image_path, image = check_file(cell["image"], "image")
-
-    label = cell["label"]
-    if label not in config.class_names:
-        problems.append(
-            FolderProblem(
-                line,
-                image_path or "(blank)",
-                f"label {label!r} is not one of the declared class_names "
-                f"{list(config.class_names)}",
-            )
-        )
-
-    map_path = None
-    if cell.get("map"):
-        map_path, saliency = check_file(cell["map"], "map")
-        if image is not None and saliency is not None:
-            (wi, hi), (wm, hm) = image.size, saliency.size
-            ratio = (wm / hm) / (wi / hi)
-            if abs(ratio - 1.0) > config.aspect_tolerance:
-                problems.append(
-                    FolderProblem(
-                        line,
-                        map_path,
-                        f"map is {wm}x{hm} (aspect {wm / hm:.3f}) but its image {image_path} is "
-                        f"{wi}x{hi} (aspect {wi / hi:.3f}); the aspect ratios must match",
-                    )
-                )
-
-    group = 0
-    if cell.get("group"):
-        raw = cell["group"]
-        if raw in config.group_names:
-            group = config.group_names.index(raw)
-        elif re.fullmatch(r"\d+", raw):
-            group = int(raw)
-            if config.group_names and group >= len(config.group_names):
-                problems.append(
-                    FolderProblem(
-                        line,
-                        image_path,
-                        f"group {group} is out of range for the {len(config.group_names)} "
-                        f"declared group_names",
-                    )
-                )
-        else:
-            expected = "a non-negative integer" + (
-                f" or one of group_names {list(config.group_names)}" if config.group_names else ""
-            )
-            problems.append(FolderProblem(line, image_path, f"group {raw!r} is not {expected}"))
-
-    split = cell.get("split") or None
-    if split is not None and not _SPLIT_NAME.match(split):
-        problems.append(
-            FolderProblem(
-                line,
-                image_path,
-                f"split {split!r} is not a valid split name (letters, digits and underscores, "
-                "starting with a letter)",
-            )
-        )
-
-    if problems:
-        return None, problems
-    return FolderRow(line, image_path, config.class_names.index(label), map_path, group, split), []
-
-
-def assign_splits(
-    rows: Sequence[FolderRow], config: SaliencyFolderConfig
-) -> dict[str, list[FolderRow]]:
+def assign_splits(rows: Sequence[FolderRow], config: SaliencyFolderConfig) -> dict[str, list[FolderRow]]:
     """Groups rows by split; rows without one are split at random, stratified by class."""
-    out: dict[str, list[FolderRow]] = {}
-    for row in rows:
-        if row.split is not None:
-            out.setdefault(row.split, []).append(row)
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0]))
-    for label in range(len(config.class_names)):
-        pool = [r for r in rows if r.split is None and r.label == label]
-        order = [pool[i] for i in rng.permutation(len(pool))]
-        n_test = int(round(config.test_fraction * len(order)))
-        n_val = int(round(config.validation_fraction * len(order)))
-        n_val = min(n_val, len(order) - n_test)
-        for name, part in (
-            ("test", order[:n_test]),
-            ("validation", order[n_test : n_test + n_val]),
-            ("train", order[n_test + n_val :]),
-        ):
-            if part:
-                out.setdefault(name, []).extend(part)
-    return out
+    return _folder_csv.assign_splits(rows, len(config.class_names), config.validation_fraction,
+                                     config.test_fraction, config.seed)
 
 
 def load_image(path: str, config: SaliencyFolderConfig) -> np.ndarray:
     """Decodes and resizes an image; returns uint8 (H, W, channels)."""
     height, width = config.height_width
-    img = _open_oriented(path).convert("RGB" if config.channels == 3 else "L")
+    img = _folder_csv.open_oriented(path).convert("RGB" if config.channels == 3 else "L")
     img = img.resize((width, height), Image.Resampling.BILINEAR)
     array = np.asarray(img, dtype=np.uint8)
     return array if config.channels == 3 else array[:, :, None]
@@ -386,82 +190,132 @@ def load_image(path: str, config: SaliencyFolderConfig) -> np.ndarray:
 def load_map(path: str, config: SaliencyFolderConfig) -> np.ndarray:
     """Decodes a grayscale map, scales it to [0, 1] and resizes it; returns float32 (H, W)."""
     height, width = config.height_width
-    img = _open_oriented(path)
+    img = _folder_csv.open_oriented(path)
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float64) / 65535.0
     elif img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
     else:
         values = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    resized = Image.fromarray(values.astype(np.float32)).resize(
-        (width, height), Image.Resampling.BILINEAR
-    )
+    resized = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _csv_location(config: SaliencyFolderConfig, manual_dir: str | os.PathLike[str] | None) -> str:
+    """The CSV's absolute path; a relative ``csv_path`` needs ``manual_dir``."""
+    path = os.path.expanduser(config.csv_path)
+    if os.path.isabs(path):
+        return path
+    if manual_dir is None:
+        raise FolderDatasetError(path, [FolderProblem(
+            None, path, "csv_path is relative, so it needs a manual_dir (the folder holding the CSV); "
+            "expected manual_dir=... or an absolute csv_path")])
+    return os.path.abspath(os.path.join(os.path.expanduser(os.fspath(manual_dir)), path))
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return slug if slug[:1].isalpha() else f"data_{slug}".rstrip("_")
 
 
 @registry.register
 class SaliencyFolder(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Classes, channels and size inferred; leakage checks; the CSV's sha256 in the metadata.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
         SaliencyFolderConfig(
-            name="binary",
-            description="Labels '0' and '1', 224x224 RGB, manual_dir/saliency.csv.",
+            name="csv",
+            description="A folder described by manual_dir/saliency.csv; classes, channels and size inferred.",
         ),
     ]
-    DEFAULT_BUILDER_CONFIG_NAME = "binary"
+    DEFAULT_BUILDER_CONFIG_NAME = "csv"
 
     @classmethod
     def resolve_overrides(
         cls, base: tfds.core.BuilderConfig, overrides: dict[str, Any], manual_dir: str | os.PathLike[str] | None
     ) -> dict[str, Any]:
-        """A relative ``csv_path`` becomes absolute against ``manual_dir``."""
-        if manual_dir is None:
-            return overrides
-        csv_path = os.fspath(overrides.get("csv_path", base.csv_path))
-        if os.path.isabs(csv_path):
-            return overrides
-        folder = os.path.expanduser(os.fspath(manual_dir))
-        return {**overrides, "csv_path": os.path.abspath(os.path.join(folder, csv_path))}
+        """Makes ``csv_path`` absolute and fills in the fields left to inference.
+
+        ``class_names`` (the sorted labels), ``channels`` and ``image_size`` come from the CSV and
+        the image headers when not given; images resized by more than 2x are announced.
+
+        Raises:
+          FolderDatasetError: the CSV cannot be found or read, images are missing or unreadable,
+            or their sizes differ and no ``image_size`` is given.
+        """
+        config = dataclasses.replace(base, **overrides)
+        csv_path = _csv_location(config, manual_dir)
+        resolved = {**overrides, "csv_path": csv_path}
+        labels, headers, problems = _folder_csv.scan(csv_path)
+        if problems:
+            # Report every problem of every row at once, as a build would.
+            names = config.class_names or tuple(sorted(set(labels)))
+            _folder_csv.read_rows(csv_path, names, config.group_names, config.aspect_tolerance)
+            raise FolderDatasetError(csv_path, problems)
+        if not config.class_names:
+            resolved["class_names"] = _folder_csv.infer_class_names(csv_path, labels)
+        if config.channels is None:
+            resolved["channels"] = _folder_csv.infer_channels(headers)
+        size = config.image_size if config.image_size is not None else _folder_csv.infer_image_size(csv_path, headers)
+        resolved["image_size"] = size
+        height, width = (size, size) if isinstance(size, int) else size
+        _folder_csv.announce_large_resizes(csv_path, headers, height, width)
+        return resolved
+
+    @classmethod
+    def derived_config_name(cls, base: tfds.core.BuilderConfig, config: tfds.core.BuilderConfig) -> str:
+        """Named after the user's data: the CSV's folder (and its file name unless ``saliency.csv``)."""
+        path = os.path.abspath(os.path.expanduser(config.csv_path))
+        folder, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
+        label = folder if stem == "saliency" else f"{folder}_{stem}"
+        return f"{_slug(label)}_{_base.config_digest(config)}"
+
+    def stale_reason(self) -> str | None:
+        """Says so when the CSV changed after this copy was built (its sha256 differs)."""
+        built = (self.info.metadata or {}).get("csv_sha256")
+        path = self.builder_config.csv_path
+        if built is None or not os.path.isabs(path) or not os.path.isfile(path):
+            return None
+        if _folder_csv.csv_digest(path) == built:
+            return None
+        return (f"the prepared copy at {self.data_path} is older than {path} (the CSV changed since it was built); "
+                "expected rebuild=True (dataset.rebuild=True in a training config) to rebuild it from the CSV")
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
+        if config.unresolved:
+            raise ValueError(
+                f"saliency_folder config {config.name!r} leaves {', '.join(config.unresolved)} to inference; "
+                "expected saljax.data.build (which infers them from the CSV) or explicit values")
         height, width = config.height_width
         return self._saliency_info(_DESCRIPTION, height=height, width=width, channels=config.channels,
                                    class_names=config.class_names, group_names=config.group_names or None,
-                                   with_group=True)
+                                   with_group=True, metadata=tfds.core.MetadataDict())
 
     def _csv_file(self, dl_manager: tfds.download.DownloadManager) -> str:
-        path = self.builder_config.csv_path
+        path = os.path.expanduser(self.builder_config.csv_path)
         if os.path.isabs(path):
             return path
         try:
             manual_dir = dl_manager.manual_dir
-        except (AssertionError, ValueError) as exc:
-            raise FolderDatasetError(
-                path,
-                [
-                    FolderProblem(
-                        None,
-                        path,
-                        "csv_path is relative, so it needs a manual_dir "
-                        f"(tfds.download.DownloadConfig(manual_dir=...)) that exists: {exc}",
-                    )
-                ],
-            ) from None
+        except (AssertionError, ValueError):
+            return _csv_location(self.builder_config, None)  # raises: a relative path needs a manual_dir
         return os.fspath(epath.Path(manual_dir) / path)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         config = self.builder_config
+        csv_path = self._csv_file(dl_manager)
+        digest = _folder_csv.csv_digest(csv_path) if os.path.isfile(csv_path) else ""
         # Validate every row before any example is yielded, so bad input writes nothing.
-        rows = read_rows(self._csv_file(dl_manager), config)
-        return {
-            split: self._generate_examples(part)
-            for split, part in assign_splits(rows, config).items()
-        }
+        rows = read_rows(csv_path, config)
+        self.info.metadata["csv_sha256"] = digest
+        return {split: self._generate_examples(part) for split, part in assign_splits(rows, config).items()}
 
     def _generate_examples(self, rows: Sequence[FolderRow]) -> Iterator[tuple[int, dict[str, Any]]]:
         config = self.builder_config
@@ -471,13 +325,10 @@ class SaliencyFolder(_base.SaliencyDatasetBuilder):
                 saliency, has_map = load_map(row.map, config), True
             else:
                 saliency, has_map = np.zeros((height, width), np.float32), False
-            yield (
-                row.row,
-                {
-                    "image": load_image(row.image, config),
-                    "label": row.label,
-                    "saliency_map": saliency,
-                    "has_map": has_map,
-                    "group": row.group,
-                },
-            )
+            yield row.row, {
+                "image": load_image(row.image, config),
+                "label": row.label,
+                "saliency_map": saliency,
+                "has_map": has_map,
+                "group": row.group,
+            }
