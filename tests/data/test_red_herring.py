@@ -110,6 +110,13 @@ def test_splits_differ_and_build_is_deterministic(built: tfds.core.DatasetBuilde
     assert {e["image"].tobytes() for e in examples(other, "train")} == hashes["train"]
 
 
+def test_loader_batches(built: tfds.core.DatasetBuilder) -> None:
+    batch = next(iter(sd.make_loader(built, "test", 8)))
+    assert batch["image"].shape == (8, 28, 28, 1) and set(np.unique(batch["image"])) <= {0.0, 1.0}
+    assert batch["saliency_map"].shape == (8, 28, 28) and batch["has_map"].all()
+    assert set(batch["label"].tolist()) <= {0, 1}
+
+
 def test_bad_config_names_the_field() -> None:
     with pytest.raises(ValueError, match="mask_sigma"):
         rh.RedHerringConfig(name="x", mask_sigma=0.0)

@@ -28,6 +28,9 @@ RESIZE_WARNING_FACTOR = 2.0
 
 log = logging.getLogger("saljax.data")
 
+_NOT_FOUND = "{column} file not found; expected an existing file (a relative path is relative to the CSV's folder)"
+_UNREADABLE = "{column} file unreadable ({error}); expected an image Pillow can decode"
+
 
 @dataclasses.dataclass(frozen=True)
 class FolderProblem:
@@ -146,7 +149,8 @@ def read_records(csv_path: str) -> tuple[list[str], list[tuple[int, dict[str, st
             continue
         if len(cells) > len(columns):
             problems.append(FolderProblem(
-                line, csv_path, f"has {len(cells)} cells but the header has {len(columns)} columns"))
+                line, csv_path, f"has {len(cells)} cells but the header has {len(columns)} columns; "
+                f"expected at most {len(columns)} (quote cells that contain commas)"))
             continue
         cells = cells + [""] * (len(columns) - len(cells))
         records.append((line, {c: v.strip() for c, v in zip(columns, cells)}))
@@ -186,9 +190,9 @@ def scan(csv_path: str) -> tuple[list[str], list[ImageHeader], list[FolderProble
                 height, width = _oriented_size(img)
                 headers.append(ImageHeader(line, path, height, width, img.mode))
         except FileNotFoundError:
-            problems.append(FolderProblem(line, path, "image file not found"))
+            problems.append(FolderProblem(line, path, _NOT_FOUND.format(column="image")))
         except Exception as exc:  # Pillow raises many types for unreadable files.
-            problems.append(FolderProblem(line, path, f"image file unreadable ({type(exc).__name__}: {exc})"))
+            problems.append(FolderProblem(line, path, _UNREADABLE.format(column="image", error=f"{type(exc).__name__}: {exc}")))
     return labels, headers, problems
 
 
@@ -286,12 +290,12 @@ def _validate_row(
     def check_file(name: str, column: str) -> tuple[str, Image.Image | None, str]:
         path = os.path.join(base, name)
         if not os.path.isfile(path):
-            problems.append(FolderProblem(line, path, f"{column} file not found"))
+            problems.append(FolderProblem(line, path, _NOT_FOUND.format(column=column)))
             return path, None, ""
         try:
             return (path, *_open_file(path))
         except Exception as exc:  # Pillow raises many types for unreadable files.
-            problems.append(FolderProblem(line, path, f"{column} file unreadable ({type(exc).__name__}: {exc})"))
+            problems.append(FolderProblem(line, path, _UNREADABLE.format(column=column, error=f"{type(exc).__name__}: {exc}")))
             return path, None, ""
 
     image_path, image, digest = "", None, ""
@@ -313,7 +317,8 @@ def _validate_row(
             if abs((wm / hm) / (wi / hi) - 1.0) > aspect_tolerance:
                 problems.append(FolderProblem(
                     line, map_path, f"map is {wm}x{hm} (aspect {wm / hm:.3f}) but its image {image_path} is "
-                    f"{wi}x{hi} (aspect {wi / hi:.3f}); the aspect ratios must match"))
+                    f"{wi}x{hi} (aspect {wi / hi:.3f}); expected the same aspect ratio (within aspect_tolerance "
+                    f"{aspect_tolerance})"))
 
     group = 0
     if cell.get("group"):
@@ -324,7 +329,8 @@ def _validate_row(
             group = int(raw)
             if group_names and group >= len(group_names):
                 problems.append(FolderProblem(
-                    line, image_path, f"group {group} is out of range for the {len(group_names)} declared group_names"))
+                    line, image_path, f"group {group} is out of range; expected an index below {len(group_names)}, "
+                    f"the number of group_names"))
         else:
             expected = "a non-negative integer" + (f" or one of group_names {list(group_names)}" if group_names else "")
             problems.append(FolderProblem(line, image_path, f"group {raw!r} is not {expected}"))
@@ -333,7 +339,8 @@ def _validate_row(
     if split is not None and not _SPLIT_NAME.match(split):
         problems.append(FolderProblem(
             line, image_path,
-            f"split {split!r} is not a valid split name (letters, digits and underscores, starting with a letter)"))
+            f"split {split!r} is not a valid split name; expected letters, digits and underscores, starting with "
+            "a letter"))
 
     if problems:
         return None, problems

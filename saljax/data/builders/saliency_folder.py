@@ -255,7 +255,7 @@ class SaliencyFolder(_base.SaliencyDatasetBuilder):
         labels, headers, problems = _folder_csv.scan(csv_path)
         if problems:
             # Report every problem of every row at once, as a build would.
-            names = config.class_names or tuple(sorted(set(labels)))
+            names = config.class_names or tuple(sorted({label for label in labels if label}))
             _folder_csv.read_rows(csv_path, names, config.group_names, config.aspect_tolerance)
             raise FolderDatasetError(csv_path, problems)
         if not config.class_names:
