@@ -98,17 +98,17 @@ def to_example(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     Returns:
       image uint8 (H, W, C), label int32 (), saliency_map float32 (H, W), has_map bool (),
-      group int32 ().
+      group int32 (), all numpy arrays (0-d for the scalars).
     """
     image = np.asarray(record["image"])
     if image.ndim == 2:
         image = image[:, :, None]
     return {
         "image": image,
-        "label": np.int32(record["label"]),
+        "label": np.asarray(record["label"], dtype=np.int32),
         "saliency_map": np.asarray(record["saliency_map"], dtype=np.float32),
-        "has_map": np.bool_(record["has_map"]),
-        "group": np.int32(record.get("group", 0)),
+        "has_map": np.asarray(record["has_map"], dtype=np.bool_),
+        "group": np.asarray(record.get("group", 0), dtype=np.int32),
     }
 
 
@@ -256,11 +256,14 @@ def make_loader(
     is_train = split == "train"
     shuffle = is_train if shuffle is None else shuffle
     drop_remainder = is_train if drop_remainder is None else drop_remainder
+    augmentation: Augment | None
     if augment is True:
-        augment = Augment()
+        augmentation = Augment()
     elif augment is False or augment is None:
-        augment = None
-    elif not isinstance(augment, Augment):
+        augmentation = None
+    elif isinstance(augment, Augment):
+        augmentation = augment
+    else:
         raise TypeError(f"augment must be a bool or an Augment; got {type(augment).__name__}")
     mean_array, std_array = _channel_stats(mean, "mean"), _channel_stats(std, "std")
 
@@ -289,8 +292,8 @@ def make_loader(
     if shuffle:
         ds = ds.shuffle()
     ds = ds.map(to_example)
-    if augment is not None:
-        ds = ds.random_map(functools.partial(augment_example, augment=augment))
+    if augmentation is not None:
+        ds = ds.random_map(functools.partial(augment_example, augment=augmentation))
     ds = ds.map(functools.partial(normalize_example, mean=mean_array, std=std_array))
     # Batch before repeat: each epoch is batched on its own, and the epoch index reaches the
     # shuffle and the augmentation so every epoch differs.
@@ -323,7 +326,6 @@ def restore_iterator(
     iterator: grain.DatasetIterator, state: bytes | str | Mapping[str, Any]
 ) -> grain.DatasetIterator:
     """Moves a fresh iterator of the same loader to a saved position; returns it."""
-    if isinstance(state, (bytes, str)):
-        state = json.loads(state)
-    iterator.set_state(dict(state))
+    loaded = json.loads(state) if isinstance(state, (bytes, str)) else state
+    iterator.set_state(dict(loaded))
     return iterator

@@ -48,7 +48,10 @@ def record_bytes(builder: tfds.core.DatasetBuilder) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name", sd.DATASET_NAMES)
 def test_registered_with_tfds(name: str, tmp_path) -> None:
-    builder = tfds.builder(name, data_dir=os.fspath(tmp_path))
+    # The folder's registered config leaves classes, size and channels to inference from the CSV.
+    config = sd.SaliencyFolderConfig(name="explicit", class_names=("a", "b"), image_size=8, channels=1) \
+        if name == "saliency_folder" else None
+    builder = tfds.builder(name, data_dir=os.fspath(tmp_path), config=config)
     assert builder.info.file_format.value == "array_record"
     features = builder.info.features
     assert {"image", "label", "saliency_map", "has_map"} <= set(features.keys())

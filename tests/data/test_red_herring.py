@@ -34,6 +34,7 @@ def test_defaults_follow_the_paper() -> None:
     config = rh.RedHerring.builder_configs["default"]
     assert (config.num_train, config.num_validation, config.num_test) == (500, 128, 128)
     assert len({config.train_seed, config.validation_seed, config.test_seed}) == 3
+    assert config.mask_sigma == 0.5 and rh.blur_radius(config.mask_sigma) == 2
 
 
 def test_splits_sizes_balance_and_binary_images(built: tfds.core.DatasetBuilder) -> None:
@@ -74,17 +75,27 @@ def test_class_is_the_cross_count_and_map_covers_crosses_only(built: tfds.core.D
             assert (components == k).sum() in (5, 9)  # plus signs of half-arm 1 or 2
         assert saliency[crosses].all()  # the map covers every cross pixel
         assert not saliency[rect].any()  # and never the distractor (either side)
-        # Dilation by a Gaussian blur of sigma 1 (radius 2): exactly the crosses grown by 2 px.
+        # Dilation by a Gaussian blur of sigma 0.5 (radius 2): exactly the crosses grown by 2 px.
         assert np.array_equal(saliency, ndimage.binary_dilation(crosses, np.ones((5, 5), bool)))
 
 
 def test_dilate_by_blur_matches_square_dilation() -> None:
     mask = np.zeros((28, 28), bool)
     mask[10, 10] = True
-    for sigma, radius in ((0.5, 1), (1.0, 2), (1.2, 3)):
+    for sigma, radius in ((0.25, 1), (0.5, 2), (1.0, 4)):
         grown = rh.dilate_by_blur(mask, sigma)
         assert grown.sum() == (2 * radius + 1) ** 2
         assert grown[10 - radius, 10 - radius] and not grown[10 - radius - 1, 10]
+
+
+def test_dilate_by_blur_matches_scipy_gaussian_filter() -> None:
+    rng = np.random.default_rng(0)
+    for sigma in (0.25, 0.5, 0.8):
+        mask = rng.random((28, 28)) < 0.02
+        mask[0, 27] = True  # a pixel at the border
+        # skimage.filters.gaussian (the paper's blur) is scipy's gaussian_filter with mode "nearest".
+        expected = ndimage.gaussian_filter(mask.astype(float), sigma, mode="nearest") > 0
+        assert np.array_equal(rh.dilate_by_blur(mask, sigma), expected), sigma
 
 
 def test_splits_differ_and_build_is_deterministic(built: tfds.core.DatasetBuilder, tmp_path) -> None:
@@ -97,6 +108,13 @@ def test_splits_differ_and_build_is_deterministic(built: tfds.core.DatasetBuilde
     other = sd.build("red_herring", os.fspath(tmp_path / "b"), test_seed=7, **TINY)
     assert {e["image"].tobytes() for e in examples(other, "test")} != hashes["test"]
     assert {e["image"].tobytes() for e in examples(other, "train")} == hashes["train"]
+
+
+def test_loader_batches(built: tfds.core.DatasetBuilder) -> None:
+    batch = next(iter(sd.make_loader(built, "test", 8)))
+    assert batch["image"].shape == (8, 28, 28, 1) and set(np.unique(batch["image"])) <= {0.0, 1.0}
+    assert batch["saliency_map"].shape == (8, 28, 28) and batch["has_map"].all()
+    assert set(batch["label"].tolist()) <= {0, 1}
 
 
 def test_bad_config_names_the_field() -> None:

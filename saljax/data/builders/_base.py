@@ -77,6 +77,10 @@ def describe_config(config: tfds.core.BuilderConfig) -> str:
     return f"Config {config.name!r}: {items}."
 
 
+class StaleDatasetError(ValueError):
+    """A prepared dataset is older than its source (e.g. the user's CSV changed); rebuild it."""
+
+
 def check(condition: bool, field: str, expected: str, value: Any) -> None:
     """Raises a ValueError naming the config field when ``condition`` is false."""
     if not condition:
@@ -96,7 +100,7 @@ def check_count(value: int, field: str, minimum: int = 1) -> None:
     )
 
 
-class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
     """Base of the saljax builders.
 
     - Writes ``array_record`` by default: it is the format that grain reads and the one that
@@ -120,6 +124,27 @@ class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         except (TypeError, OSError):
             return None
 
+    @classmethod
+    def resolve_overrides(
+        cls, base: tfds.core.BuilderConfig, overrides: dict[str, Any], manual_dir: str | os.PathLike[str] | None
+    ) -> dict[str, Any]:
+        """The config overrides ``saljax.data.build`` applies to ``base``; identity by default.
+
+        A builder that reads the user's files overrides this, e.g. to make a path relative to
+        ``manual_dir`` absolute so that different folders never share a config name.
+        """
+        del base, manual_dir
+        return overrides
+
+    @classmethod
+    def derived_config_name(cls, base: tfds.core.BuilderConfig, config: tfds.core.BuilderConfig) -> str:
+        """The name of ``config``, derived from the registered ``base`` by overrides: ``<base>_<hash>``."""
+        return f"{base.name}_{config_digest(config)}"
+
+    def stale_reason(self) -> str | None:
+        """Why the prepared copy no longer matches its source (then ``build`` refuses to reuse it), or None."""
+        return None
+
     def __init__(self, *, file_format: str | None = None, **kwargs: Any):
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
@@ -134,6 +159,7 @@ class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         group_names: Sequence[str] | None = None,
         with_group: bool = False,
         citation: str | None = None,
+        metadata: tfds.core.MetadataDict | None = None,
     ) -> tfds.core.DatasetInfo:
         """The `DatasetInfo` every saljax builder returns: the card, the saljax features."""
         return tfds.core.DatasetInfo(
@@ -143,6 +169,7 @@ class SaliencyDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
                                        group_names=group_names, with_group=with_group),
             supervised_keys=("image", "label"),
             citation=citation,
+            metadata=metadata,
         )
 
     def download_and_prepare(self, **kwargs: Any) -> None:  # noqa: D102 (same as TFDS)

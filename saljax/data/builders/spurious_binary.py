@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Spurious binary: an RGB presentation-attack-style task for the CAM-based methods (CYBORG,
@@ -83,13 +84,13 @@ class SpuriousBinaryConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _common.check_count(self.image_size, "image_size", minimum=16)
+        _base.check_count(self.image_size, "image_size", minimum=16)
         for name in ("num_train", "num_validation", "num_test_closed", "num_test_open"):
-            _common.check_count(getattr(self, name), name)
-        _common.check_fraction(self.cue_correlation, "cue_correlation")
+            _base.check_count(getattr(self, name), name)
+        _base.check_fraction(self.cue_correlation, "cue_correlation")
         self.holdout_groups = tuple(int(g) for g in self.holdout_groups)
         attack_types = set(range(1, len(GROUP_NAMES)))
-        _common.check(
+        _base.check(
             bool(self.holdout_groups)
             and set(self.holdout_groups) < attack_types
             and len(set(self.holdout_groups)) == len(self.holdout_groups),
@@ -97,16 +98,17 @@ class SpuriousBinaryConfig(tfds.core.BuilderConfig):
             f"a non-empty proper subset of {sorted(attack_types)} without repeats",
             self.holdout_groups,
         )
-        self.artifact_strength = tuple(float(s) for s in self.artifact_strength)
-        _common.check(
+        low, high = (float(s) for s in self.artifact_strength)
+        self.artifact_strength = (low, high)
+        _base.check(
             len(self.artifact_strength) == 2
             and 0 <= self.artifact_strength[0] <= self.artifact_strength[1],
             "artifact_strength",
             "a (low, high) pair with 0 <= low <= high",
             self.artifact_strength,
         )
-        _common.check_fraction(self.map_fraction, "map_fraction")
-        _common.check_count(self.seed, "seed", minimum=0)
+        _base.check_fraction(self.map_fraction, "map_fraction")
+        _base.check_count(self.seed, "seed", minimum=0)
 
     @property
     def training_groups(self) -> tuple[int, ...]:
@@ -208,7 +210,8 @@ def _groups_for(split: str, config: SpuriousBinaryConfig) -> Sequence[int]:
     return config.holdout_groups if split == "test_open" else config.training_groups
 
 
-class SpuriousBinary(_common.SaliencyDatasetBuilder):
+@registry.register
+class SpuriousBinary(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")

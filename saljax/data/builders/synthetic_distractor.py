@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Synthetic distractor: a binary task in the spirit of GradMask's follow-up experiment, where a
@@ -69,13 +70,13 @@ class SyntheticDistractorConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _common.check_count(self.image_size, "image_size", minimum=16)
+        _base.check_count(self.image_size, "image_size", minimum=16)
         for name in ("num_train", "num_validation", "num_test"):
-            _common.check_count(getattr(self, name), name)
-        _common.check(self.noise_std >= 0, "noise_std", "non-negative", self.noise_std)
-        _common.check_fraction(self.distractor_agreement, "distractor_agreement")
-        _common.check_fraction(self.map_fraction, "map_fraction")
-        _common.check_count(self.seed, "seed", minimum=0)
+            _base.check_count(getattr(self, name), name)
+        _base.check(self.noise_std >= 0, "noise_std", "non-negative", self.noise_std)
+        _base.check_fraction(self.distractor_agreement, "distractor_agreement")
+        _base.check_fraction(self.map_fraction, "map_fraction")
+        _base.check_count(self.seed, "seed", minimum=0)
 
 
 def render_example(
@@ -134,7 +135,8 @@ def render_example(
     }
 
 
-class SyntheticDistractor(_common.SaliencyDatasetBuilder):
+@registry.register
+class SyntheticDistractor(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")

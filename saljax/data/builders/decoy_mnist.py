@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Decoy MNIST: the DecoyMNIST protocol of Ross, Hughes and Doshi-Velez (2017, "Right for the Right
@@ -82,13 +83,13 @@ class DecoyMnistConfig(tfds.core.BuilderConfig):
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
             value = getattr(self, name)
-            _common.check_count(value, name, minimum=NUM_CLASSES)
-            _common.check(value % NUM_CLASSES == 0, name, "a multiple of 10 (stratified by class)", value)
+            _base.check_count(value, name, minimum=NUM_CLASSES)
+            _base.check(value % NUM_CLASSES == 0, name, "a multiple of 10 (stratified by class)", value)
         total = self.num_train + self.num_validation + self.num_test
-        _common.check(total <= NUM_CLASSES * PER_CLASS, "num_train + num_validation + num_test",
+        _base.check(total <= NUM_CLASSES * PER_CLASS, "num_train + num_validation + num_test",
                       f"at most {NUM_CLASSES * PER_CLASS}", total)
-        _common.check_fraction(self.map_fraction, "map_fraction")
-        _common.check_count(self.seed, "seed", minimum=0)
+        _base.check_fraction(self.map_fraction, "map_fraction")
+        _base.check_count(self.seed, "seed", minimum=0)
 
 
 def decoy_shade(digit: int) -> int:
@@ -169,7 +170,8 @@ def load_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(images).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), np.asarray(labels).astype(int)
 
 
-class DecoyMnist(_common.SaliencyDatasetBuilder):
+@registry.register
+class DecoyMnist(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Red herring: the synthetic task of Viviano, Simpson, Dutil, Bengio and Cohen (2021, "Saliency is
@@ -19,9 +19,11 @@ label in training sits on the other side at validation and test time.
 
 How it is made (28x28, binary: pixels are 0 or 255, one channel):
 - Class 0 ("one_cross") holds ONE cross, class 1 ("two_crosses") TWO crosses. A cross is a plus
-  sign of half-arm 1 or 2 (5 or 9 pixels), drawn at a random position fully inside the image;
-  two crosses never overlap or touch (their bounding boxes are at least one pixel apart), and no
-  cross's mask touches either distractor position.
+  sign of half-arm 1 or 2 (5 or 9 pixels), drawn at a random position fully inside the image.
+  Two crosses never overlap or touch (their bounding boxes are at least one pixel apart) and no
+  cross's mask reaches either distractor position, so the class is exactly the number of
+  crosses and the map never covers the distractor (the paper's stored data lets a few crosses
+  touch each other or the distractor).
 - Distractor: a solid rectangle of 2 rows x 3 columns at rows 23-24 and columns 3-5 (left) for
   class 0, columns 22-24 (right) for class 1.
 - Classes alternate (example i has class i mod 2), so every split is balanced: train 500
@@ -31,11 +33,12 @@ How it is made (28x28, binary: pixels are 0 or 255, one channel):
   other side (class 0 right, class 1 left): a model that reads it scores near 0 AUC there, and
   checkpoints selected on validation already see the shift.
 
-What the maps mean: `saliency_map` is 1 on the crosses dilated by a Gaussian blur (standard
-deviation `mask_sigma` pixels, kernel truncated at radius ceil(2 * mask_sigma)) followed by
-`> 0`, i.e. the crosses grown by that radius (a square neighbourhood); 0 elsewhere, in
-particular on the distractor. `has_map` is True unless `map_fraction` < 1 withheld the map of a
-training example (then the map is all zeros).
+What the maps mean: `saliency_map` is 1 on the crosses dilated as the paper's code does it: a
+Gaussian blur (standard deviation `mask_sigma` = 0.5 pixel, kernel truncated at radius
+int(4 * mask_sigma + 0.5) = 2, SciPy's default) followed by `> 0`, i.e. the crosses grown by two
+pixels (a square neighbourhood); 0 elsewhere, in particular on the distractor. `has_map` is
+True unless `map_fraction` < 1 withheld the map of a training example (then the map is all
+zeros).
 
 Published test AUCs (ResNet-18, mean +- std over 10 seeds): baseline 0.00, ActDiff 1.00,
 GradMask 0.76, RRR 0.49.
@@ -67,7 +70,8 @@ class RedHerringConfig(tfds.core.BuilderConfig):
     Attributes:
       num_train, num_validation, num_test: examples per split (classes alternate, so balanced).
       train_seed, validation_seed, test_seed: each split's own seed.
-      mask_sigma: standard deviation (pixels) of the Gaussian blur that dilates the cross mask.
+      mask_sigma: standard deviation (pixels) of the Gaussian blur that dilates the cross mask
+        (0.5, the paper's ``blur``, grows the crosses by 2 pixels).
       map_fraction: share of training examples that keep their map (``has_map``).
     """
 
@@ -77,16 +81,16 @@ class RedHerringConfig(tfds.core.BuilderConfig):
     train_seed: int = 0
     validation_seed: int = 1
     test_seed: int = 2
-    mask_sigma: float = 1.0
+    mask_sigma: float = 0.5
     map_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
-            _common.check_count(getattr(self, name), name, minimum=2)
+            _base.check_count(getattr(self, name), name, minimum=2)
         for name in ("train_seed", "validation_seed", "test_seed"):
-            _common.check_count(getattr(self, name), name, minimum=0)
-        _common.check(0.0 < float(self.mask_sigma) <= 3.0, "mask_sigma", "a number in (0, 3]", self.mask_sigma)
-        _common.check_fraction(self.map_fraction, "map_fraction")
+            _base.check_count(getattr(self, name), name, minimum=0)
+        _base.check(0.0 < float(self.mask_sigma) <= 1.0, "mask_sigma", "a number in (0, 1]", self.mask_sigma)
+        _base.check_fraction(self.map_fraction, "map_fraction")
 
 
 def distractor_mask(label: int) -> np.ndarray:
@@ -106,8 +110,8 @@ def cross_mask(cy: int, cx: int, half_arm: int) -> np.ndarray:
 
 
 def blur_radius(sigma: float) -> int:
-    """Radius of the truncated Gaussian kernel: ceil(2 * sigma)."""
-    return int(math.ceil(2.0 * float(sigma)))
+    """Radius of the truncated Gaussian kernel: int(4 * sigma + 0.5), as SciPy's ``gaussian_filter``."""
+    return int(4.0 * float(sigma) + 0.5)
 
 
 def dilate_by_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
@@ -190,7 +194,8 @@ def render_example(label: int, split: str, index: int, config: RedHerringConfig)
     }
 
 
-class RedHerring(_common.SaliencyDatasetBuilder):
+@registry.register
+class RedHerring(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saljax.data import _common, _render
+from saljax.data import registry
+from saljax.data.builders import _base, _render
 
 _DESCRIPTION = """\
 Decoy digits: the DecoyMNIST protocol of Ross, Hughes and Doshi-Velez (2017, "Right for the Right
@@ -76,25 +77,25 @@ class DecoyDigitsConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _common.check_count(self.image_size, "image_size", minimum=8)
-        _common.check(
+        _base.check_count(self.image_size, "image_size", minimum=8)
+        _base.check(
             self.interpolation in ("bilinear", "nearest"),
             "interpolation",
             '"bilinear" or "nearest"',
             self.interpolation,
         )
-        _common.check_fraction(self.train_fraction, "train_fraction")
-        _common.check_fraction(self.validation_fraction, "validation_fraction")
-        _common.check(
+        _base.check_fraction(self.train_fraction, "train_fraction")
+        _base.check_fraction(self.validation_fraction, "validation_fraction")
+        _base.check(
             self.train_fraction + self.validation_fraction <= 1.0,
             "train_fraction + validation_fraction",
             "at most 1",
             self.train_fraction + self.validation_fraction,
         )
         if self.max_examples is not None:
-            _common.check_count(self.max_examples, "max_examples", minimum=10)
-        _common.check_fraction(self.map_fraction, "map_fraction")
-        _common.check_count(self.seed, "seed", minimum=0)
+            _base.check_count(self.max_examples, "max_examples", minimum=10)
+        _base.check_fraction(self.map_fraction, "map_fraction")
+        _base.check_count(self.seed, "seed", minimum=0)
 
 
 def swatch_size(image_size: int) -> int:
@@ -183,7 +184,8 @@ def render_example(
     }
 
 
-class DecoyDigits(_common.SaliencyDatasetBuilder):
+@registry.register
+class DecoyDigits(_base.SaliencyDatasetBuilder):
     __doc__ = _DESCRIPTION
 
     VERSION = tfds.core.Version("1.0.0")
