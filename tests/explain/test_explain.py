@@ -303,7 +303,9 @@ def test_run_writes_the_report(report):
         assert all(re.fullmatch(r"-+", c) for c in table[1]), table[:2]  # header separator
         assert len({len(row) for row in table}) == 1, table  # one column count per table
     headers = [t[0] for t in tables]
-    assert ["method", "energy inside", "ROC AUC", "pointing game", "IoU top-q", "precision top-q"] in headers
+    assert ["method", "energy inside", "ROC AUC", "pointing game", "IoU top-q", "precision top-q",
+            "attribution localisation", "top-k intersection", "relevance rank accuracy", "relevance mass accuracy",
+            "energy pointing game", "saliency IoU", "WR (%)"] in headers
     agreement = next(t for t in tables if t[0][0] == "method" and "ROC AUC" in t[0])
     assert [row[0] for row in agreement[2:]] == list(explain.resolve_methods(tiny_model()))
     links = re.findall(r"\]\(([^)]+)\)", text)
@@ -459,3 +461,47 @@ def test_explain_command_on_a_trained_checkpoint(tmp_path, capsys):
     assert cli.main(["explain", "--checkpoint", str(workdir), "--out", str(out), "--dataset", "spurious_binary:nope",
                      "--no-progress"]) == 2
     assert "has no split 'nope'" in capsys.readouterr().err
+
+
+def test_wrong_reason_over_uneven_batches_equals_one_call_over_the_split(model):
+    """WR's threshold is a statistic of the whole split: streaming over batches must not change it."""
+    has_map = np.ones(12, bool)
+    has_map[[3, 7]] = False
+    batches = make_batches(has_map=has_map)
+    config = dataclasses.replace(FAST, methods=("gradient", "rrr_gradient"))
+    results = explain.explain(model, batches, config=config, num_images=0, progress=False)
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    smap = np.concatenate([b["saliency_map"] for b in batches])
+    maps = explain.explain_batch(model, images, labels, config=config)["maps"]
+    for method in ("gradient", "rrr_gradient"):
+        # Images without a map have no region A but count towards the threshold, as in XIL.
+        region = np.where(has_map[:, None, None], 1.0 - smap, 0.0)
+        expected = float(metrics.wrong_reason_score(maps[method], region))
+        got = results.aggregate["split"][method]["wrong_reason"]["mean"]
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        assert np.isnan(results.per_image[f"{method}/wrong_reason"][[3, 7]]).all()
+
+
+def test_rrr_gradient_is_the_summed_log_softmax_gradient_over_channels(model):
+    images = np.asarray(jax.random.normal(jax.random.key(1), (3, SIZE, SIZE, 1)), np.float32)
+    labels = np.array([0, 1, 0], np.int32)
+    out = explain.explain_batch(model, images, labels, methods=("rrr_gradient",), config=FAST)
+    view = nnx.view(model, use_running_average=True)
+    expected = saliency.vanilla_gradient(view, jnp.asarray(images), saliency.sum_log_softmax_score).sum(-1)
+    np.testing.assert_allclose(out["maps"]["rrr_gradient"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_new_localisation_columns_agree_with_the_metric_functions(report, model):
+    summary, _ = report
+    per_image = summary["per_image"]
+    batches = make_batches()
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    smap = np.concatenate([b["saliency_map"] for b in batches])
+    maps = explain.explain_batch(model, images, labels, methods=("gradient",), config=FAST)["maps"]["gradient"]
+    has_map = per_image["has_map"]
+    for name, fn in (("saliency_iou", metrics.saliency_iou), ("relevance_rank_accuracy", metrics.relevance_rank_accuracy),
+                     ("attribution_localisation", metrics.attribution_localisation)):
+        expected = np.where(has_map, np.asarray(fn(maps, smap), np.float64), np.nan)
+        np.testing.assert_allclose(per_image[f"gradient/{name}"], expected, rtol=1e-5, equal_nan=True)
