@@ -34,7 +34,8 @@ def resolve_config(
 
     Args:
       name: dataset name, optionally with a config (``"decoy_digits/clean"``).
-      config: a registered config name or a ``BuilderConfig``; default: the builder's default.
+      config: a registered config name or a ``BuilderConfig``; None (or "default" for a builder
+        without a config of that name): the builder's default.
       manual_dir: the user's folder (``saliency_folder``: a relative ``csv_path`` is made absolute
         against it, so that different folders never share a config name).
       **config_overrides: config fields to change, e.g. ``image_size=16``.
@@ -47,6 +48,8 @@ def resolve_config(
             raise ValueError(f"name {name!r} already names a config; do not also pass config")
         name, config = name.split("/", 1)
     cls = registry.builder_class(name)
+    if config == "default" and "default" not in cls.builder_configs:
+        config = None  # "default" always means the builder's default config (saliency_folder's is "csv")
     if config is None:
         base = cls.builder_configs[cls.DEFAULT_BUILDER_CONFIG_NAME]
     elif isinstance(config, str):

@@ -6,8 +6,10 @@ import importlib
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import saljax.data as sd
 from saljax import config as saljax_config
@@ -68,6 +70,20 @@ def test_from_config_reads_a_training_config_section(tmp_path) -> None:
     clean = sd.from_config({"name": "decoy_mnist", "config": "clean", "data_dir": tmp_path,
                             "overrides": {"num_train": 10, "num_validation": 10, "num_test": 10}})
     assert clean.builder_config.decoy is False
+
+
+def test_default_names_the_builders_default_config(tmp_path) -> None:
+    assert sd.resolve_config("decoy_mnist", "default").name == "default"
+    folder = tmp_path / "scans"
+    (folder / "img").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((4, 4), 50 * i, np.uint8)).save(folder / "img" / f"{i}.png")
+    (folder / "saliency.csv").write_text("image,label\nimg/0.png,no\nimg/1.png,yes\n")
+    # A training config's default config name works for the folder, whose default config is "csv".
+    builder = sd.from_config({"name": "saliency_folder", "config": "default", "data_dir": tmp_path / "data",
+                              "manual_dir": folder})
+    assert builder.builder_config.name.startswith("scans_")
+    assert builder.builder_config.description.startswith("The 'csv' config with")
 
 
 @pytest.mark.parametrize(

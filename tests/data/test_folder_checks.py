@@ -125,12 +125,12 @@ def test_leakage_is_an_error_naming_both_rows(tmp_path, rows: list[str], needles
 
 
 def test_exact_duplicate_rows_are_dropped_with_a_warning(tmp_path, caplog) -> None:
-    rows = ["img/0.png,a,,,train", "img/1.png,b,,,train", "img/0.png,a,,,train", "img/0.png,a,,,train"]
+    rows = ["img/0.png,a,,,", "img/1.png,b,,,train", "img/0.png,a,,,train", "img/0.png,a,,,train"]
     folder = make_folder(tmp_path / "f", rows, default_images(2))
     with caplog.at_level(logging.WARNING, logger="saljax.data"):
-        builder = build(folder, tmp_path / "data")
-    assert builder.info.splits["train"].num_examples == 2
-    assert "2 exact duplicate row(s) dropped (rows 4, 5)" in caplog.text
+        builder = build(folder, tmp_path / "data", test_fraction=1.0)  # row 2 takes row 4's explicit split
+    assert list(builder.info.splits) == ["train"] and builder.info.splits["train"].num_examples == 2
+    assert "2 duplicate row(s) dropped (rows 4, 5)" in caplog.text
 
 
 def test_random_split_keeps_copies_of_an_image_together(tmp_path) -> None:

@@ -348,51 +348,58 @@ def _validate_row(
 
 
 def check_duplicates(rows: Sequence[FolderRow], class_names: Sequence[str]) -> tuple[list[FolderRow], list[FolderProblem]]:
-    """Finds data leakage and conflicting duplicates; drops exact duplicate rows.
+    """Finds data leakage and conflicting duplicates; drops duplicate rows.
 
     - The same image (same path, or the same bytes under another path) under two labels, or in two
       different explicit splits: an error (leakage between splits or a contradictory label).
     - The same image path listed again with a different map or group: an error (which one holds?).
-    - Exact duplicate rows (same image, label, map, group and split): a warning with their count;
-      only the first is kept. They cannot leak or contradict, and CSVs concatenated from several
-      sources often repeat rows; keeping one avoids counting an image twice.
-    - Rows with a blank split that show an image also placed in an explicit split follow it (see
+    - Duplicate rows (same image path, label, map and group; the same split or a blank one): a
+      warning with their count; only the first is kept (taking the explicit split if the first
+      left it blank). They cannot leak or contradict, and CSVs concatenated from several sources
+      often repeat rows; keeping one avoids counting an image twice.
+    - The same bytes under two paths with the same label and split: both kept, with a warning.
+      Rows with a blank split that show an image also placed in an explicit split follow it (see
       ``assign_splits``), so random splitting cannot leak either.
 
     Returns:
-      (the rows to keep, the problems).
+      (the rows to keep, in CSV order; the problems).
     """
-    first_by_digest: dict[str, FolderRow] = {}
-    first_by_path: dict[str, FolderRow] = {}
-    kept, problems, dropped, same_content = [], [], [], 0
+    kept: list[FolderRow] = []
+    index_by_path: dict[str, int] = {}
+    index_by_digest: dict[str, int] = {}
+    problems: list[FolderProblem] = []
+    dropped: list[int] = []
+    same_content = 0
     for row in rows:
-        earlier = first_by_path.get(row.image)
-        if earlier is not None and (earlier.label, earlier.map, earlier.group, earlier.split) == (
-                row.label, row.map, row.group, row.split):
-            dropped.append(row.row)
+        at = index_by_path.get(row.image, index_by_digest.get(row.digest))
+        if at is None:
+            index_by_path[row.image] = index_by_digest[row.digest] = len(kept)
+            kept.append(row)
             continue
-        other = earlier or first_by_digest.get(row.digest)
-        if other is not None:
-            what = "this image" if other.image == row.image else f"the same image content as {other.image}"
-            if other.label != row.label:
-                problems.append(FolderProblem(
-                    row.row, row.image, f"label {class_names[row.label]!r} but row {other.row} lists {what} with label "
-                    f"{class_names[other.label]!r}; expected one label per image"))
-            elif other.split is not None and row.split is not None and other.split != row.split:
-                problems.append(FolderProblem(
-                    row.row, row.image, f"split {row.split!r} but row {other.row} puts {what} in split {other.split!r}; "
-                    "expected each image in one split only (data leakage)"))
-            elif other.image == row.image:
-                problems.append(FolderProblem(
-                    row.row, row.image, f"listed again (first at row {other.row}) with a different map or group; "
-                    "expected one map and group per image"))
-            else:
-                same_content += 1
-        first_by_path.setdefault(row.image, row)
-        first_by_digest.setdefault(row.digest, row)
-        kept.append(row)
+        other = kept[at]
+        what = "this image" if other.image == row.image else f"the same image content as {other.image}"
+        if other.label != row.label:
+            problems.append(FolderProblem(
+                row.row, row.image, f"label {class_names[row.label]!r} but row {other.row} lists {what} with label "
+                f"{class_names[other.label]!r}; expected one label per image"))
+        elif other.split is not None and row.split is not None and other.split != row.split:
+            problems.append(FolderProblem(
+                row.row, row.image, f"split {row.split!r} but row {other.row} puts {what} in split {other.split!r}; "
+                "expected each image in one split only (data leakage)"))
+        elif other.image != row.image:
+            same_content += 1
+            index_by_path[row.image] = len(kept)
+            kept.append(row)
+        elif (other.map, other.group) != (row.map, row.group):
+            problems.append(FolderProblem(
+                row.row, row.image, f"listed again (first at row {other.row}) with a different map or group; "
+                "expected one map and group per image"))
+        else:
+            dropped.append(row.row)
+            if other.split is None and row.split is not None:
+                kept[at] = dataclasses.replace(other, split=row.split)
     if dropped:
-        log.warning("saliency_folder: %d exact duplicate row(s) dropped (rows %s)", len(dropped),
+        log.warning("saliency_folder: %d duplicate row(s) dropped (rows %s)", len(dropped),
                     ", ".join(str(r) for r in dropped[:10]) + (", ..." if len(dropped) > 10 else ""))
     if same_content:
         log.warning("saliency_folder: %d image(s) have the same content as another file with the same label; "
