@@ -397,10 +397,10 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
     outline, then one row per method: the input gradient (reduced over channels as `saljax explain`
     does) or Grad-CAM of the true class, min-max scaled per image. Returns the paths written.
     """
-    from saljax import _figures, checkpoint, data, explain
+    from saljax import _figures, data, explain, train
 
     split = split or suite.splits[-1]
-    models = {m: checkpoint.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
+    models = {m: train.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
     # The benchmark's dataset is the one most methods train on (not a clean-data reference's).
     datasets = [cfg.dataset for _, cfg in models.values()]
     ds = max(datasets, key=lambda d: sum(d.to_json() == e.to_json() for e in datasets))

@@ -1266,7 +1266,7 @@ def main(args: argparse.Namespace) -> int:
     """`saljax explain`: loads a checkpoint, explains a dataset split, writes the report.
 
     Options missing on the command line come from the training config that
-    `checkpoint.load_model` returns (see `_dataset_settings`); the split defaults to the first of
+    `train.load_model` returns (see `_dataset_settings`); the split defaults to the first of
     test, test_closed, validation, train that the dataset has. Returns 0 on success, 2 with a
     message on stderr for bad input (missing checkpoint directory, unusable checkpoint, unknown
     dataset or split, methods the model does not support, missing maps).
@@ -1275,10 +1275,10 @@ def main(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.checkpoint):
         print(f"{prog}: checkpoint directory {args.checkpoint!r} does not exist", file=sys.stderr)
         return 2
-    from saljax import checkpoint
+    from saljax import checkpoint, train
 
     try:
-        model, train_config = checkpoint.load_model(args.checkpoint)
+        model, train_config = train.load_model(args.checkpoint)
     except (checkpoint.CheckpointError, FileNotFoundError) as err:
         print(f"{prog}: cannot load a model from {args.checkpoint!r}: {err}", file=sys.stderr)
         return 2
