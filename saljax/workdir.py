@@ -50,7 +50,8 @@ def check_writable(directory: str | os.PathLike[str]) -> str:
     """The absolute path of `directory` after checking that a run can write there.
 
     The directory may not exist yet (it is created later); its nearest existing ancestor must then
-    be a writable directory. Raises CheckpointError (one line) otherwise. Creates nothing.
+    be a writable directory. Writes and removes a probe file, so read-only file systems are caught
+    too. Raises CheckpointError (one line) otherwise.
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     if os.path.exists(path) and not os.path.isdir(path):
@@ -60,8 +61,12 @@ def check_writable(directory: str | os.PathLike[str]) -> str:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise CheckpointError(f"workdir {path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"workdir {path} is not writable (no write permission on {existing})")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".saljax-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(f"workdir {path} is not writable ({existing}: {error.strerror or error})") from None
     return path
 
 
