@@ -140,27 +140,6 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing_non_finite(data_dir, tm
     ck.close()
 
 
-def test_checkpointer_refuses_non_finite_state(tmp_path):
-    with checkpoint.Checkpointer(tmp_path, async_save=False) as ck:
-        with pytest.raises(checkpoint.NonFiniteError, match=r"non-finite values in \['w'\]"):
-            ck.save(1, {"w": np.array([1.0, np.nan])})
-        with pytest.raises(checkpoint.NonFiniteError, match="validation/accuracy = nan"):
-            ck.save(1, {"w": np.ones(2)}, metrics={"validation/accuracy": float("nan")})
-        assert ck.steps() == []
-
-
-def test_keeps_best_by_metric_and_latest(tmp_path):
-    with checkpoint.Checkpointer(tmp_path, keep_best=2, keep_latest=1, async_save=False) as ck:
-        for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.6), (5, None)]:
-            ck.save(step, {"w": np.full(2, float(step))}, metrics=None if acc is None else {"validation/accuracy": acc})
-        ck.wait()
-        assert ck.steps() == [2, 3, 5] and ck.best_step() == 2
-        step, restored = ck.restore({"w": np.zeros(2)}, step=2)
-        np.testing.assert_array_equal(restored["w"], [2.0, 2.0])
-        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 7"):
-            ck.restore({"w": np.zeros(2)}, step=7)
-
-
 def test_config_overrides_and_errors(tmp_path, capsys):
     cfg = config.load(os.path.join(CONFIGS, "decoy_digits.py:rrr"),
                       ["optimizer.learning_rate=1e-4", "dataset.eval_splits=('test',)", "loss.lam=3", "num_steps=7"])
