@@ -20,6 +20,7 @@ position are all a resume needs to continue bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (commit time, metrics)
 _CORRUPT_SUFFIX = ".corrupt"  # not a step name for Orbax: it reads only digits (or <prefix>_<digits>)
 
 
@@ -71,6 +73,31 @@ def _rank(scored: Sequence[tuple[int, float]], mode: str) -> list[int]:
     """Steps ordered best first: by metric (`mode` "max" or "min"), earlier step first on ties."""
     sign = -1.0 if mode == "max" else 1.0
     return [step for step, _ in sorted(scored, key=lambda item: (sign * item[1], item[0]))]
+
+
+def _unreadable_metadata(root: str) -> list[tuple[int, str]]:
+    """(step, error) of the checkpoints under `root` whose metadata file is not valid JSON."""
+    bad = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, _METADATA_FILE)
+        if not (name.isdigit() and os.path.isfile(path)):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            bad.append((int(name), f"{type(error).__name__}: {str(error)[:200]}"))
+    return bad
+
+
+def _move_aside(root: str, step: int) -> str:
+    source = os.path.join(root, str(step))
+    target = source + _CORRUPT_SUFFIX
+    n = 1
+    while os.path.exists(target):
+        target, n = f"{source}{_CORRUPT_SUFFIX}-{n}", n + 1
+    os.rename(source, target)
+    return target
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -102,6 +129,9 @@ class Checkpointer:
       best_metric: key of the metrics passed to `save` that ranks checkpoints; "" ranks none.
       best_mode: "max" (accuracy, AUC) or "min" (loss).
       async_save: write in a background thread.
+      move_corrupt: move corrupt checkpoints aside (`move_aside`) when they are found, on opening
+        (an unreadable `_CHECKPOINT_METADATA`, which Orbax cannot open the directory past) and in
+        `restore`. Without it, opening a directory with such a checkpoint raises CheckpointError.
     """
 
     def __init__(
@@ -113,6 +143,7 @@ class Checkpointer:
         best_metric: str = "validation/accuracy",
         best_mode: str = "max",
         async_save: bool = True,
+        move_corrupt: bool = False,
     ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
@@ -121,6 +152,13 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self.move_corrupt = move_corrupt
+        root = os.path.join(self.directory, CHECKPOINT_DIR)
+        for step, error in _unreadable_metadata(root):
+            message = f"checkpoint {step} in {root} is corrupt (its {_METADATA_FILE}: {error})"
+            if not move_corrupt:
+                raise CheckpointError(f"{message}; rename or remove {os.path.join(root, str(step))}")
+            log.warning("%s; moved aside to %s", message, _move_aside(root, step))
         policies = ocp.checkpoint_managers
         policy: Any = policies.LatestN(n=keep_latest)
         kwargs: dict[str, Any] = {}
@@ -132,7 +170,7 @@ class Checkpointer:
             kwargs = {"best_fn": metric_of, "best_mode": best_mode}
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, **kwargs)
-        self._manager = ocp.CheckpointManager(os.path.join(self.directory, CHECKPOINT_DIR), options=options)
+        self._manager = ocp.CheckpointManager(root, options=options)
 
     def _metric_of(self, metrics: Mapping[str, float]) -> float:
         return metrics[self.best_metric]
@@ -182,28 +220,25 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> str:
         """Renames checkpoint `step` to `<step>.corrupt` (never deletes it); returns the new path."""
-        source = os.path.join(self._manager.directory, str(step))
-        target = source + _CORRUPT_SUFFIX
-        n = 1
-        while os.path.exists(target):
-            target, n = f"{source}{_CORRUPT_SUFFIX}-{n}", n + 1
-        os.rename(source, target)
+        target = _move_aside(os.fspath(self._manager.directory), step)
         self._manager.reload()
         return target
 
     def restore(self, target: Any, *, data_iterator: Any = None, step: int | None = None,
-                move_corrupt: bool = False) -> tuple[int, Any]:
+                move_corrupt: bool | None = None) -> tuple[int, Any]:
         """Restores the newest readable checkpoint (or `step`) into the structure of `target`.
 
         `target` is a state of the same structure (e.g. freshly initialised); shapes and dtypes
         come from it. With `data_iterator`, its position is restored too (in place). A checkpoint
         that fails to read is reported (a warning naming its step) and, without `step`, the
         previous one tried; with `move_corrupt`, it is also moved aside (`move_aside`) so that
-        later runs and Orbax's clean-up no longer see it. CheckpointError when none reads.
+        later runs and Orbax's clean-up no longer see it (default: the constructor's
+        `move_corrupt`). CheckpointError when none reads.
 
         Returns:
           (step, state).
         """
+        move_corrupt = self.move_corrupt if move_corrupt is None else move_corrupt
         steps = self.steps()
         candidates = [step] if step is not None else steps[::-1]
         if step is not None and step not in steps:

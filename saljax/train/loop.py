@@ -150,11 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     iterator = new_iterator()
     ck = config.checkpoint
     checkpointer = checkpoint.Checkpointer(path, keep_best=ck.keep_best, keep_latest=ck.keep_latest,
-                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save)
+                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save, move_corrupt=True)
     start = 0
     if checkpointer.latest_step() is not None:
         try:
-            start, state = checkpointer.restore(state, data_iterator=iterator, move_corrupt=True)
+            start, state = checkpointer.restore(state, data_iterator=iterator)
             log(f"resumed from checkpoint {start} in {path}")
         except checkpoint.CheckpointError as error:
             log(f"warning: {error}\nstarting from step 0")
@@ -246,7 +246,7 @@ def _best(checkpointer: checkpoint.Checkpointer, template: TrainState, mesh: Mes
         if step == final_step:
             return step, final_eval
         try:
-            _, state = checkpointer.restore(template, step=step, move_corrupt=True)
+            _, state = checkpointer.restore(template, step=step)
         except checkpoint.CheckpointError as error:
             log(f"warning: {error}")
             continue
