@@ -90,6 +90,12 @@ def _unreadable_metadata(root: str) -> list[tuple[int, str]]:
     return bad
 
 
+def _data_item(handler: Any, iterator: Any) -> Any:
+    if handler is None:  # saljax.data leaves it None for grain versions without iterator checkpoints
+        raise CheckpointError("the installed grain cannot checkpoint data iterators; upgrade grain")
+    return handler(iterator)
+
+
 def _move_aside(root: str, step: int) -> str:
     source = os.path.join(root, str(step))
     target = source + _CORRUPT_SUFFIX
@@ -189,9 +195,9 @@ class Checkpointer:
                 raise KeyError(f"metrics must hold the best_metric {self.best_metric!r}; got {sorted(metrics)}")
             if not np.isfinite(metrics[self.best_metric]):
                 raise NonFiniteError(f"not saving checkpoint {step}: {self.best_metric} = {metrics[self.best_metric]}")
-        items = {"state": ocp.args.StandardSave(state)}
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = IteratorCheckpointSave(data_iterator)
+            items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def steps(self) -> list[int]:
@@ -248,9 +254,9 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         errors = []
         for candidate in candidates:
-            items = {"state": ocp.args.StandardRestore(abstract)}
+            items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
-                items["data"] = IteratorCheckpointRestore(data_iterator)
+                items["data"] = _data_item(IteratorCheckpointRestore, data_iterator)
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
                 state = restored["state"]

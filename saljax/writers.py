@@ -30,7 +30,7 @@ class MetricWriter:
             self._tb = SummaryWriter(logdir=os.path.join(directory, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        row = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step)}
         for key, value in metrics.items():
             value = float(value)
             row[key] = value if math.isfinite(value) else str(value)

@@ -95,7 +95,7 @@ def make_eval_step(
         model = merge(model_def, state)
         images = jnp.asarray(batch[batch_lib.IMAGE])
         labels = jnp.asarray(batch[batch_lib.LABEL])
-        batch_lib.check_batch(batch, map_sizes=[images.shape[1:3]] if batch_lib.SALIENCY_MAP in batch else None)
+        batch_lib.check_batch(batch, map_sizes=[(images.shape[1], images.shape[2])] if batch_lib.SALIENCY_MAP in batch else None)
         grads, logits = saliency.input_gradient(model, images, labels)
         out = {
             "logits": logits,

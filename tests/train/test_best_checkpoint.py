@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from saljax import checkpoint, cli, config, train, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from saljax import checkpoint, cli, train, workdir
 from saljax.train import loop
 
@@ -79,7 +79,7 @@ def test_debug_shows_the_error(tmp_path, monkeypatch):
 
 def test_through_a_subprocess_exit_code_2_and_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "saljax.cli", *_train(tmp_path, "num_steps=0")], env=env,
+    proc = subprocess.run([sys.executable, "-m", "saljax.cli", *_train(tmp_path, "num_steps=0")], env=env, check=False,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "saljax train: num_steps must be an integer >= 1; got 0"
 

@@ -5,8 +5,8 @@ import logging
 import os
 
 import pytest
-
 from conftest import TINY
+
 from saljax import checkpoint, cli, config, train, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,9 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from saljax import checkpoint, cli, config, train, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
