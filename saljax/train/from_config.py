@@ -63,6 +63,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     m = config.model
     if m.name not in models.MODEL_NAMES:
         raise ValueError(f"model.name must be one of {' | '.join(models.MODEL_NAMES)}; got {m.name!r}")
+    reserved = sorted(set(m.kwargs) & {"num_classes", "in_channels", "rngs", "dtype"})
+    if reserved:
+        raise ValueError(f"model.kwargs {reserved} are set by saljax (num_classes and in_channels from the dataset,"
+                         " dtype from model.dtype); remove them")
     accepted = model_arguments(m.name)
     unknown = sorted(set(m.kwargs) - accepted) if accepted is not None else []
     if unknown:

@@ -43,6 +43,8 @@ def _fails(capsys, argv, message):
     ("optimizer.name='adamx'", "optimizer.name must be one of adam | adamw | sgd | lamb | lars"),
     ("checkpoint.best_metric='train/accuracy'", "checkpoint.best_metric must be <split>/<metric>"),
     ("model.kwargs.widht=3", "model.kwargs ['widht'] are not arguments of model 'simple_cnn'"),
+    ("model.kwargs.in_channels=3", "model.kwargs ['in_channels'] are set by saljax"),
+    ("dataset.overrides.image_sise=8", "image_sise"),
 ])
 def test_bad_config_fails_before_writing_anything(tmp_path, capsys, override, message):
     _fails(capsys, _train(tmp_path, override), message)
