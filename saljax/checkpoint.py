@@ -1,17 +1,16 @@
 """Orbax checkpoints of a training run: model, optimizer, step and data-iterator position.
 
-A run's work directory holds
+`Checkpointer` saves under `<workdir>/checkpoints/<step>/` asynchronously (training goes on while
+files are written), keeps the newest checkpoints plus the best `keep_best` by a validation metric,
+refuses to write non-finite values, and restores the newest checkpoint that reads back. A corrupt
+checkpoint is reported by step and, when asked, moved aside (renamed `<step>.corrupt`, never
+deleted). Orbax writes each checkpoint into a temporary directory and renames it when complete, so
+a process killed mid-save leaves no checkpoint that looks finished.
 
-    config.json            the training config (ml_collections, as JSON)
-    checkpoints/<step>/    Orbax checkpoints: `state` (the TrainState) and `data` (grain iterator)
-    metrics.jsonl          one JSON object per logged step
-    tensorboard/           TensorBoard event files
-
-`Checkpointer` saves asynchronously (training goes on while files are written), keeps the newest
-checkpoints plus the best `keep_best` by a validation metric, refuses to write non-finite values,
-and restores the newest checkpoint that reads back, skipping a corrupt one with a message. Orbax
-writes each checkpoint into a temporary directory and renames it when complete, so a process killed
-mid-save leaves no checkpoint that looks finished.
+Ranking ties: among checkpoints with equal `best_metric`, the earliest step counts as better, both
+for which ones are kept and for `best_step`. The rule depends only on the (step, metric) pairs on
+disk, so a resumed run keeps, selects and deletes exactly the checkpoints an uninterrupted run
+would.
 
 All randomness of a run derives from its config's seed (model initialisation) and the data
 iterator (shuffling and augmentation are seeded per example), so the state and the iterator
@@ -20,28 +19,44 @@ position are all a resume needs to continue bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Self
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from saljax.data import IteratorCheckpointRestore, IteratorCheckpointSave
+from saljax.workdir import (  # re-exported: these names were importable from here before
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CheckpointError,
+    NonFiniteError,
+    config_changes,
+    load_config,
+    save_config,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "CheckpointError",
+    "Checkpointer",
+    "NonFiniteError",
+    "config_changes",
+    "load_config",
+    "non_finite_leaves",
+    "save_config",
+]
+
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or a parameter became NaN or inf."""
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint could be read."""
+_METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (commit time, metrics)
+_CORRUPT_SUFFIX = ".corrupt"  # not a step name for Orbax: it reads only digits (or <prefix>_<digits>)
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
@@ -54,6 +69,61 @@ def non_finite_leaves(tree: Any) -> list[str]:
     return bad
 
 
+def _rank(scored: Sequence[tuple[int, float]], mode: str) -> list[int]:
+    """Steps ordered best first: by metric (`mode` "max" or "min"), earlier step first on ties."""
+    sign = -1.0 if mode == "max" else 1.0
+    return [step for step, _ in sorted(scored, key=lambda item: (sign * item[1], item[0]))]
+
+
+def _unreadable_metadata(root: str) -> list[tuple[int, str]]:
+    """(step, error) of the checkpoints under `root` whose metadata file is not valid JSON."""
+    bad = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, _METADATA_FILE)
+        if not (name.isdigit() and os.path.isfile(path)):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            bad.append((int(name), f"{type(error).__name__}: {str(error)[:200]}"))
+    return bad
+
+
+def _data_item(handler: Any, iterator: Any) -> Any:
+    if handler is None:  # saljax.data leaves it None for grain versions without iterator checkpoints
+        raise CheckpointError("the installed grain cannot checkpoint data iterators; upgrade grain")
+    return handler(iterator)
+
+
+def _move_aside(root: str, step: int) -> str:
+    source = os.path.join(root, str(step))
+    target = source + _CORRUPT_SUFFIX
+    n = 1
+    while os.path.exists(target):
+        target, n = f"{source}{_CORRUPT_SUFFIX}-{n}", n + 1
+    os.rename(source, target)
+    return target
+
+
+@dataclasses.dataclass(kw_only=True)
+class _BestN:
+    """Orbax preservation policy: keeps the `n` best checkpoints by metric, earliest step on ties.
+
+    Unlike Orbax's own `BestN` (which keeps the later of tied checkpoints, in whatever order it
+    holds them), the decision depends only on each checkpoint's step and metric.
+    """
+
+    get_metric_fn: Callable[[Any], float]
+    mode: str
+    n: int
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        scored = [(info.step, float(self.get_metric_fn(info.metrics))) for info in checkpoints if info.metrics]
+        keep = set(_rank(scored, self.mode)[: self.n])
+        return [info.step in keep for info in checkpoints]
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s (and data iterators) under `directory/checkpoints`.
 
@@ -62,9 +132,12 @@ class Checkpointer:
       keep_best: how many checkpoints to keep by `best_metric` (besides the latest ones).
       keep_latest: how many of the newest checkpoints to keep; 2 leaves a fallback when the newest
         turns out corrupt.
-      best_metric: key of the metrics passed to `save` that ranks checkpoints.
+      best_metric: key of the metrics passed to `save` that ranks checkpoints; "" ranks none.
       best_mode: "max" (accuracy, AUC) or "min" (loss).
       async_save: write in a background thread.
+      move_corrupt: move corrupt checkpoints aside (`move_aside`) when they are found, on opening
+        (an unreadable `_CHECKPOINT_METADATA`, which Orbax cannot open the directory past) and in
+        `restore`. Without it, opening a directory with such a checkpoint raises CheckpointError.
     """
 
     def __init__(
@@ -76,6 +149,7 @@ class Checkpointer:
         best_metric: str = "validation/accuracy",
         best_mode: str = "max",
         async_save: bool = True,
+        move_corrupt: bool = False,
     ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
@@ -84,18 +158,28 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self.move_corrupt = move_corrupt
+        root = os.path.join(self.directory, CHECKPOINT_DIR)
+        for step, error in _unreadable_metadata(root):
+            message = f"checkpoint {step} in {root} is corrupt (its {_METADATA_FILE}: {error})"
+            if not move_corrupt:
+                raise CheckpointError(f"{message}; rename or remove {os.path.join(root, str(step))}")
+            log.warning("%s; moved aside to %s", message, _move_aside(root, step))
         policies = ocp.checkpoint_managers
-        policy = policies.AnyPreservationPolicy([
-            policies.LatestN(n=keep_latest),
-            policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=keep_best,
-                           keep_checkpoints_without_metrics=False),
-        ])
-        # best_fn makes Orbax write each checkpoint's metrics to disk, so a resumed run still knows
-        # which checkpoints are best; the preservation policy decides what is kept.
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(os.path.join(self.directory, CHECKPOINT_DIR), options=options)
+        policy: Any = policies.LatestN(n=keep_latest)
+        kwargs: dict[str, Any] = {}
+        if best_metric:
+            metric_of = self._metric_of
+            policy = policies.AnyPreservationPolicy([policy, _BestN(get_metric_fn=metric_of, mode=best_mode, n=keep_best)])
+            # best_fn makes Orbax write each checkpoint's metrics to disk, so a resumed run still
+            # knows which checkpoints are best; the preservation policy decides what is kept.
+            kwargs = {"best_fn": metric_of, "best_mode": best_mode}
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True, **kwargs)
+        self._manager = ocp.CheckpointManager(root, options=options)
+
+    def _metric_of(self, metrics: Mapping[str, float]) -> float:
+        return metrics[self.best_metric]
 
     def save(self, step: int, state: Any, *, data_iterator: Any = None, metrics: Mapping[str, float] | None = None) -> None:
         """Starts saving `state` (and the iterator position) as checkpoint `step`.
@@ -111,11 +195,9 @@ class Checkpointer:
                 raise KeyError(f"metrics must hold the best_metric {self.best_metric!r}; got {sorted(metrics)}")
             if not np.isfinite(metrics[self.best_metric]):
                 raise NonFiniteError(f"not saving checkpoint {step}: {self.best_metric} = {metrics[self.best_metric]}")
-        items = {"state": ocp.args.StandardSave(state)}
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            from saljax.data import IteratorCheckpointSave
-
-            items["data"] = IteratorCheckpointSave(data_iterator)
+            items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def steps(self) -> list[int]:
@@ -127,25 +209,42 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def best_step(self) -> int | None:
-        """The kept step with the best `best_metric` (None when no checkpoint carries metrics)."""
-        scored = [(s, m[self.best_metric]) for s in self.steps()
-                  if (m := self._manager.metrics(s)) and self.best_metric in m]
-        if not scored:
+    def _metrics(self, step: int) -> Mapping[str, float] | None:
+        try:
+            return self._manager.metrics(step)
+        except Exception as error:  # noqa: BLE001 - unreadable metrics leave the checkpoint unranked
+            log.warning("checkpoint %d: its metrics are unreadable (%s: %s)", step, type(error).__name__, error)
             return None
-        pick = max if self.best_mode == "max" else min
-        return pick(scored, key=lambda item: item[1])[0]
 
-    def restore(self, target: Any, *, data_iterator: Any = None, step: int | None = None) -> tuple[int, Any]:
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric`, the earliest on ties (None when none is ranked)."""
+        if not self.best_metric:
+            return None
+        scored = [(s, float(m[self.best_metric])) for s in self.steps()
+                  if (m := self._metrics(s)) and self.best_metric in m]
+        return _rank(scored, self.best_mode)[0] if scored else None
+
+    def move_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to `<step>.corrupt` (never deletes it); returns the new path."""
+        target = _move_aside(os.fspath(self._manager.directory), step)
+        self._manager.reload()
+        return target
+
+    def restore(self, target: Any, *, data_iterator: Any = None, step: int | None = None,
+                move_corrupt: bool | None = None) -> tuple[int, Any]:
         """Restores the newest readable checkpoint (or `step`) into the structure of `target`.
 
         `target` is a state of the same structure (e.g. freshly initialised); shapes and dtypes
         come from it. With `data_iterator`, its position is restored too (in place). A checkpoint
-        that fails to read is reported and the previous one tried; CheckpointError when none reads.
+        that fails to read is reported (a warning naming its step) and, without `step`, the
+        previous one tried; with `move_corrupt`, it is also moved aside (`move_aside`) so that
+        later runs and Orbax's clean-up no longer see it (default: the constructor's
+        `move_corrupt`). CheckpointError when none reads.
 
         Returns:
           (step, state).
         """
+        move_corrupt = self.move_corrupt if move_corrupt is None else move_corrupt
         steps = self.steps()
         candidates = [step] if step is not None else steps[::-1]
         if step is not None and step not in steps:
@@ -155,11 +254,9 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         errors = []
         for candidate in candidates:
-            items = {"state": ocp.args.StandardRestore(abstract)}
+            items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
-                from saljax.data import IteratorCheckpointRestore
-
-                items["data"] = IteratorCheckpointRestore(data_iterator)
+                items["data"] = _data_item(IteratorCheckpointRestore, data_iterator)
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
                 state = restored["state"]
@@ -167,9 +264,12 @@ class Checkpointer:
                 if bad:
                     raise CheckpointError(f"non-finite values in {', '.join(bad[:5])}")
             except Exception as error:  # noqa: BLE001 - any failure to read means: try the previous one
-                message = f"checkpoint {candidate} in {self._manager.directory} is unreadable or corrupt ({type(error).__name__}: {str(error)[:300]})"
+                message = (f"checkpoint {candidate} in {self._manager.directory} is unreadable or corrupt"
+                           f" ({type(error).__name__}: {str(error)[:300]})")
                 errors.append(message)
-                log.warning("%s; trying an earlier checkpoint", message)
+                if move_corrupt:
+                    message += f"; moved aside to {self.move_aside(candidate)}"
+                log.warning("%s%s", message, "; trying an earlier checkpoint" if step is None else "")
                 continue
             if errors:
                 log.warning("restored checkpoint %d instead", candidate)
@@ -183,74 +283,8 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def save_config(directory: str | os.PathLike[str], config: Any) -> None:
-    """Writes the training config as JSON (`config.json`)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True) if hasattr(config, "to_json") else json.dumps(config, indent=2))
-
-
-def config_changes(old: Any, new: Any) -> list[str]:
-    """The top-level fields in which two training configs (ConfigDicts or dicts) differ, sorted.
-
-    `model.num_classes` and `model.in_channels` are ignored: training fills them in from the
-    dataset, so a config before training and the same config after it compare equal.
-    """
-
-    def plain(config: Any) -> dict[str, Any]:
-        c = json.loads(config.to_json() if hasattr(config, "to_json") else json.dumps(config, default=str))
-        for key in ("num_classes", "in_channels"):
-            c.get("model", {}).pop(key, None)
-        return c
-
-    a, b = plain(old), plain(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def load_config(directory: str | os.PathLike[str]):
-    """The `ml_collections.ConfigDict` a run in `directory` was trained with."""
-    import ml_collections
-
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist: {directory} is not a saljax work directory")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_model(directory: str | os.PathLike[str], *, step: int | str = "best"):
-    """The model of a finished or running training run, in eval mode, and its config.
-
-    Args:
-      directory: the run's work directory (`saljax train --workdir`).
-      step: "best" (by the run's best metric; the latest if none was recorded), "latest", or a
-        step number.
-
-    Returns:
-      (nnx.Module in eval mode, ml_collections.ConfigDict).
-    """
-    from flax import nnx
-
-    from saljax import train
-
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    config = load_config(directory)
-    model_def, target = train.init_from_config(config)
-    with Checkpointer(directory, best_metric=config.checkpoint.best_metric,
-                      best_mode=config.checkpoint.best_mode, async_save=False) as checkpointer:
-        if step == "best":
-            step = checkpointer.best_step()
-        elif step == "latest":
-            step = None
-        _, state = checkpointer.restore(target, step=step)
-    model = train.merge(model_def, state)
-    return nnx.view(model, use_running_average=True), config

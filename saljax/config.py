@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import types
 from collections.abc import Sequence
 
 import ml_collections
@@ -29,7 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
         "data_dir": os.environ.get("SALJAX_DATA_DIR", "~/saljax_data"),
         "manual_dir": "",  # saliency_folder: the user's folder
         "train_split": "train",
-        "eval_splits": ("validation", "test"),  # the first one ranks checkpoints
+        "eval_splits": ("validation", "test"),  # evaluated at each evaluation; see checkpoint.best_metric
         "augment": False,
         "mean": ml_collections.FieldReference(None, field_type=float),
         "std": ml_collections.FieldReference(None, field_type=float),
@@ -41,16 +42,26 @@ def defaults() -> ml_collections.ConfigDict:
         # Filled in from the dataset when training starts:
         "num_classes": ml_collections.FieldReference(None, field_type=int),
         "in_channels": ml_collections.FieldReference(None, field_type=int),
+        # (H, W) of the images, passed as `input_size` to models that take it (an 'mlp' head)
+        "input_size": ml_collections.FieldReference(None, field_type=tuple),
     })
     c.method = "gradmask"  # saljax.losses.for_method
     c.loss = ml_collections.ConfigDict()  # its options: lam, alpha, reduction, ...
+    # saljax.train.make_optimizer; see its module docstring for each field.
     c.optimizer = ml_collections.ConfigDict({
-        "name": "adam",  # adam | sgd
-        "learning_rate": 1e-3,
-        "momentum": 0.9,  # sgd
-        "weight_decay": 0.0,  # added to the gradient (L2), as PyTorch's SGD/Adam weight_decay
-        "decay_every": 0,  # steps between learning-rate decays (0: constant)
-        "decay_factor": 0.1,
+        "name": "adam",  # adam | adamw | sgd | lamb | lars
+        "learning_rate": 1e-3,  # base (peak) learning rate
+        "momentum": 0.9,  # sgd (0: none) and lars
+        "nesterov": False,  # sgd (with momentum) and lars
+        # adam, sgd: L2 added to the gradient (PyTorch's weight_decay); adamw, lamb, lars: decoupled
+        "weight_decay": 0.0,
+        "schedule": "constant",  # constant | step | cosine | warmup_cosine
+        "decay_every": 0,  # step: steps between learning-rate decays
+        "decay_factor": 0.1,  # step: factor of each decay
+        "warmup_steps": 0,  # warmup_cosine: linear warmup from 0
+        "decay_steps": 0,  # cosine, warmup_cosine: schedule length, warmup included (0: num_steps)
+        "end_factor": 0.0,  # cosine, warmup_cosine: final learning rate / learning_rate
+        "clip_norm": 0.0,  # clip gradients to this global norm (0: off)
     })
     c.batch_size = 32
     c.num_steps = 500
@@ -59,10 +70,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.checkpoint = ml_collections.ConfigDict({
         "every": 250,  # a checkpoint at each evaluation and every this many steps
-        "keep_best": 1,
-        "keep_latest": 2,
+        "keep_best": 1,  # checkpoints kept by best_metric
+        "keep_latest": 2,  # newest checkpoints kept (a fallback if the newest is corrupt)
+        # <split>/<metric> of an evaluation that ranks checkpoints ("" for none); the best one's
+        # evaluation is reported as best/<split>/<metric>; ties go to the earliest step
         "best_metric": "validation/accuracy",
-        "best_mode": "max",
+        "best_mode": "max",  # max (accuracy, roc_auc) | min (ce, loss terms)
         "async_save": True,
     })
     c.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all local devices
@@ -71,25 +84,41 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]`, merges it over `defaults()` and applies `key=value` overrides."""
+    """Loads `path.py[:arg]`, merges it over `defaults()` and applies `key=value` overrides.
+
+    Raises FileNotFoundError or a one-line ValueError naming the file for a missing file, a syntax
+    error, an exception while running it, or a `get_config` that returns no ConfigDict.
+    """
     path, _, arg = spec.partition(":")
     module = load_module(path)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} must define get_config(arg=None)")
-    loaded = module.get_config(arg or None)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} must define get_config(arg=None)")  # noqa: TRY004 - bad input: exit code 2
+    try:
+        loaded = module.get_config(arg or None)
+    except Exception as error:  # any failure of user code is bad input, named by file
+        raise ValueError(f"config file {path}: get_config({arg or None!r}) failed: {type(error).__name__}: {error}") from error
+    if not isinstance(loaded, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"config file {path}: get_config() must return a ConfigDict; got {type(loaded).__name__}")  # noqa: TRY004
     config = defaults()
-    _merge(config, loaded, path)
+    _merge(config, ml_collections.ConfigDict(loaded) if isinstance(loaded, dict) else loaded, path)
     apply_overrides(config, overrides)
     return config
 
 
-def load_module(path: str):
-    """Executes a config file and returns it as a module."""
+def load_module(path: str) -> types.ModuleType:
+    """Executes a config file and returns it as a module (ValueError naming the file if it fails)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist (expected a Python file with get_config())")
     module_spec = importlib.util.spec_from_file_location(f"saljax_config_{abs(hash(path))}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"config file {path} cannot be loaded as a Python module (expected a .py file)")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ValueError(f"config file {path}: syntax error at line {error.lineno}: {error.msg}") from error
+    except Exception as error:  # any failure of user code is bad input, named by file
+        raise ValueError(f"config file {path} failed to run: {type(error).__name__}: {error}") from error
     return module
 
 
@@ -107,7 +136,7 @@ def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict, s
             base[key] = value
 
 
-def parse_value(text: str):
+def parse_value(text: str) -> object:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

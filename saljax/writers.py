@@ -8,6 +8,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+from saljax.workdir import METRICS_FILE
+
+__all__ = ["MetricWriter", "read_metrics"]
+
 
 class MetricWriter:
     """Appends `{"step": ..., **metrics}` to `metrics.jsonl` and to TensorBoard under `tensorboard/`.
@@ -17,16 +23,14 @@ class MetricWriter:
 
     def __init__(self, directory: str | os.PathLike[str], *, tensorboard: bool = True):
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, "metrics.jsonl")
-        self._file = open(self.path, "a")
-        self._tb = None
+        self.path = os.path.join(directory, METRICS_FILE)
+        self._file = open(self.path, "a")  # noqa: SIM115 - open as long as the writer; closed by close()
+        self._tb: SummaryWriter | None = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
             self._tb = SummaryWriter(logdir=os.path.join(directory, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        row: dict[str, float | str] = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step)}
         for key, value in metrics.items():
             value = float(value)
             row[key] = value if math.isfinite(value) else str(value)
@@ -43,5 +47,5 @@ class MetricWriter:
 
 def read_metrics(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a run's `metrics.jsonl`."""
-    with open(os.path.join(directory, "metrics.jsonl")) as f:
+    with open(os.path.join(directory, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]

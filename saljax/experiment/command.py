@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 from absl import logging as absl_logging
 
-from saljax import checkpoint
+from saljax import workdir as workdir_lib
 from saljax.experiment.figures import plot_curves, plot_overlays
 from saljax.experiment.report import provenance, render_markdown
 from saljax.experiment.runner import (
@@ -100,6 +100,6 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"saljax experiment: {error}", file=sys.stderr)
         return 2
-    except checkpoint.NonFiniteError as error:
+    except workdir_lib.NonFiniteError as error:
         print(f"saljax experiment: {error}", file=sys.stderr)
         return 1

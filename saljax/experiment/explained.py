@@ -7,10 +7,9 @@ red-herring paper's IoU of the top-|H| input-gradient pixels with the mask) or
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from saljax import checkpoint, data, explain
+from saljax import data, explain, train
 from saljax.experiment.suite import Suite
 
 
@@ -35,10 +34,9 @@ def explain_run(suite: Suite, path: str, splits: Sequence[str], *, batch_size: i
     pairs = map_metric_names(suite)
     if not pairs:
         return {}
-    model, cfg = checkpoint.load_model(path, step="best" if suite.checkpoint == "best" else "latest")
+    model, cfg = train.load_model(path, step="best" if suite.checkpoint == "best" else "latest")
     ds = cfg.dataset
-    builder = data.build(ds.name, os.path.expanduser(ds.data_dir), ds.config or None,
-                         manual_dir=ds.manual_dir or None, **ds.overrides)
+    builder = data.from_config(ds)
     settings = explain.ExplainConfig(methods=tuple(dict.fromkeys(m for m, _ in pairs)), batch_size=batch_size)
     out = {}
     for split in splits:

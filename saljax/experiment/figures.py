@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from saljax import _figures, checkpoint, data, explain
+from saljax import _figures, data, explain, train
 from saljax.experiment.runner import run_dir
 from saljax.experiment.suite import Suite
 from saljax.writers import read_metrics
@@ -26,12 +25,11 @@ def plot_overlays(suite: Suite, workdir: str, methods: Sequence[str], path_for: 
     does) or Grad-CAM of the true class, min-max scaled per image. Returns the paths written.
     """
     split = split or suite.splits[-1]
-    models = {m: checkpoint.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
+    models = {m: train.load_model(run_dir(workdir, m, 0), step="latest") for m in methods}
     # The benchmark's dataset is the one most methods train on (not a clean-data reference's).
     datasets = [cfg.dataset for _, cfg in models.values()]
     ds = max(datasets, key=lambda d: sum(d.to_json() == e.to_json() for e in datasets))
-    builder = data.build(ds.name, os.path.expanduser(ds.data_dir), ds.config or None,
-                         manual_dir=ds.manual_dir or None, **ds.overrides)
+    builder = data.from_config(ds)
     batch = next(iter(data.make_loader(builder, split, num_images, shuffle=False, num_epochs=1,
                                        drop_remainder=False, mean=ds.mean, std=ds.std)))
     n = len(batch["label"])

@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from saljax import checkpoint, train
 from saljax import config as config_lib
+from saljax import train
+from saljax import workdir as workdir_lib
 from saljax.experiment.explained import explain_run, map_metric_names
 from saljax.experiment.stats import summarize
 from saljax.experiment.suite import Suite
@@ -81,7 +82,7 @@ def run_suite(
             cfg = config_lib.load(f"{config_path}:{method}", [*overrides, f"seed={seed}", "progress=False"])
             path = run_dir(workdir, method, seed)
             previous = _read_result(path)
-            if previous is not None and not checkpoint.config_changes(previous["config"], cfg):
+            if previous is not None and not workdir_lib.config_changes(previous["config"], cfg):
                 results[method].append(previous)
                 log(f"[{done}/{total}] {method} seed {seed}: done earlier")
                 continue
@@ -112,9 +113,9 @@ def check_selection(suite: Suite, methods: Sequence[str] | None, seeds: int) -> 
 
 def _check_no_other_run(path: str, wanted: Any) -> None:
     """Refuses to resume (or evaluate) a run that another config left in `path`."""
-    if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(path, workdir_lib.CONFIG_FILE)):
         return
-    changed = checkpoint.config_changes(checkpoint.load_config(path), wanted)
+    changed = workdir_lib.config_changes(workdir_lib.load_config(path), wanted)
     if changed:
         raise ValueError(f"{path} holds a run of another config (differing fields: {', '.join(changed)});"
                          " pass another --workdir or remove that directory")

@@ -7,8 +7,9 @@ import os
 import sys
 from typing import Any
 
-from saljax import checkpoint
 from saljax import data as sd
+from saljax import train
+from saljax import workdir as workdir_lib
 from saljax.explain.report import format_stats, run
 from saljax.explain.settings import METHODS, ExplainConfig
 
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     """`saljax explain`: loads a checkpoint, explains a dataset split, writes the report.
 
     Options missing on the command line come from the training config that
-    `checkpoint.load_model` returns (see `_dataset_settings`); the split defaults to the first of
+    `train.load_model` returns (see `_dataset_settings`); the split defaults to the first of
     test, test_closed, validation, train that the dataset has. Returns 0 on success, 2 with a
     message on stderr for bad input (missing checkpoint directory, unusable checkpoint, unknown
     dataset or split, methods the model does not support, missing maps).
@@ -114,14 +115,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"{prog}: checkpoint directory {args.checkpoint!r} does not exist", file=sys.stderr)
         return 2
     try:
-        model, train_config = checkpoint.load_model(args.checkpoint)
-    except (checkpoint.CheckpointError, FileNotFoundError) as err:
+        model, train_config = train.load_model(args.checkpoint)
+    except (workdir_lib.CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"{prog}: cannot load a model from {args.checkpoint!r}: {err}", file=sys.stderr)
         return 2
     try:
         ds = _dataset_settings(args, train_config)
         name = ds["name"]
-        builder = sd.build(name, ds["data_dir"], ds["config"], manual_dir=ds["manual_dir"], **ds["overrides"])
+        builder = sd.from_config(ds)
         splits = sorted(builder.info.splits.keys())
         split = ds["split"] or next((s for s in _DEFAULT_SPLITS if s in splits), splits[0])
         if split not in splits:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from saljax import saliency
+from saljax import models, saliency
 from saljax.explain.settings import BINARY_METHODS, CAM_METHODS, METHODS, ExplainConfig
 
 
@@ -77,16 +77,6 @@ def _score_fn(score: str, target: jax.Array) -> Callable[[jax.Array], jax.Array]
     return saliency.logit_score(target) if score == "logit" else saliency.log_softmax_score(target)
 
 
-def _eval_view(model: nnx.Module) -> nnx.Module:
-    """`model` in eval mode (BatchNorm with running statistics), as a view: `model` is not changed."""
-    try:
-        return nnx.view(model, use_running_average=True)
-    except ValueError as err:
-        if "use_running_average" not in str(err):
-            raise
-        return model  # no layer has a train/eval mode
-
-
 def make_explain_fn(
     model: nnx.Module, methods: Sequence[str], config: ExplainConfig = ExplainConfig()
 ) -> Callable[[jax.Array, jax.Array, jax.Array], dict[str, Any]]:
@@ -109,7 +99,7 @@ def make_explain_fn(
       (Grad-CAM, CAMs, divergence) before upsampling. `key` seeds SmoothGrad's noise.
     """
     methods = resolve_methods(model, tuple(methods))
-    graphdef, state = nnx.split(_eval_view(model))
+    graphdef, state = nnx.split(models.in_mode(model, train=False))
     # Only the fields that change the computation key the cache (not batch size or metric options).
     jitted = _compiled_explain_fn(
         graphdef,

@@ -47,7 +47,7 @@ image flattens in (h, w, C) order where PyTorch flattens NCHW in (C, h, w) order
 
 from saljax.models import conv, layers
 from saljax.models._checks import Activation
-from saljax.models.base import ImageClassifier, require_cam_head
+from saljax.models.base import ImageClassifier, in_mode, require_cam_head
 from saljax.models.conv import CONV_IMPLS
 from saljax.models.layers import BN_EPSILON, BN_MOMENTUM
 from saljax.models.mlp import MLP
@@ -74,6 +74,7 @@ __all__ = [
     "XILCNN",
     "conv",
     "create",
+    "in_mode",
     "layers",
     "model_names",
     "register",

@@ -120,6 +120,20 @@ class ImageClassifier(nnx.Module):
         return self.head(self.features(x))
 
 
+def in_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
+    """`model` in train mode (batch statistics) or eval mode (running statistics), as a view.
+
+    `model` itself is not changed. A model without BatchNorm (e.g. the MLP) has no mode and comes
+    back as it is.
+    """
+    try:
+        return nnx.view(model, use_running_average=not train)
+    except ValueError as err:
+        if "use_running_average" not in str(err):
+            raise
+        return model
+
+
 def require_cam_head(model: Any, method: str) -> None:
     """Raises unless ``model``'s CAMs are exact (``head_type == 'gap'``).
 

@@ -1,0 +1,118 @@
+"""A training run's work directory: its layout, its config.json, and the errors of a run.
+
+    config.json            the training config (ml_collections, as JSON)
+    checkpoints/<step>/    Orbax checkpoints (`saljax.checkpoint`)
+    metrics.jsonl          one JSON object per logged step (`saljax.writers`)
+    tensorboard/           TensorBoard event files
+
+This module reads and writes only plain files; `saljax.checkpoint` handles the checkpoints and
+`saljax.train.load_model` the model of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "CheckpointError",
+    "NonFiniteError",
+    "check_writable",
+    "config_changes",
+    "load_config",
+    "save_config",
+]
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+# Filled in from the dataset when training starts, so they never count as a config change.
+_FILLED_IN = ("num_classes", "in_channels", "input_size")
+
+
+class CheckpointError(RuntimeError):
+    """A work directory, its config.json or a checkpoint in it cannot be used."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or a parameter became NaN or inf."""
+
+
+def check_writable(directory: str | os.PathLike[str]) -> str:
+    """The absolute path of `directory` after checking that a run can write there.
+
+    The directory may not exist yet (it is created later); its nearest existing ancestor must then
+    be a writable directory. Writes and removes a probe file, so read-only file systems are caught
+    too. Raises CheckpointError (one line) otherwise.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"workdir {path} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f"workdir {path} cannot be created: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".saljax-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(f"workdir {path} is not writable ({existing}: {error.strerror or error})") from None
+    return path
+
+
+def save_config(directory: str | os.PathLike[str], config: Any) -> None:
+    """Writes the training config as JSON (`config.json`), atomically (a temporary file renamed)."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    text = config.to_json(indent=2, sort_keys=True) if hasattr(config, "to_json") else json.dumps(config, indent=2)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+
+
+def config_changes(old: Any, new: Any) -> list[str]:
+    """The top-level fields in which two training configs (ConfigDicts or dicts) differ, sorted.
+
+    `model.num_classes`, `model.in_channels` and `model.input_size` are ignored: training fills
+    them in from the dataset, so a config before training and the same config after it compare
+    equal.
+    """
+
+    def plain(config: Any) -> dict[str, Any]:
+        c = json.loads(config.to_json() if hasattr(config, "to_json") else json.dumps(config, default=str))
+        for key in _FILLED_IN:
+            c.get("model", {}).pop(key, None)
+        return c
+
+    a, b = plain(old), plain(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def load_config(directory: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+    """The `ml_collections.ConfigDict` a run in `directory` was trained with.
+
+    Raises CheckpointError naming the file when config.json is missing, unreadable or not a JSON
+    object.
+    """
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist: {os.fspath(directory)} is not a saljax work directory")
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} is corrupt: expected a JSON object, got {type(loaded).__name__}")
+    return ml_collections.ConfigDict(loaded)
