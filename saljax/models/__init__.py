@@ -45,10 +45,11 @@ dense kernels ``(in, out)`` (``torch_weight.T``), and a dense layer reading a fl
 image flattens in (h, w, C) order where PyTorch flattens NCHW in (C, h, w) order.
 """
 
-from saljax.models import conv, layers
+from saljax.models import conv, decomposition, layers
 from saljax.models._checks import Activation
 from saljax.models.base import ImageClassifier, in_mode, require_cam_head
 from saljax.models.conv import CONV_IMPLS
+from saljax.models.decomposition import decompose
 from saljax.models.layers import BN_EPSILON, BN_MOMENTUM
 from saljax.models.mlp import MLP
 from saljax.models.registry import MODEL_NAMES, create, model_names, register
@@ -74,6 +75,8 @@ __all__ = [
     "XILCNN",
     "conv",
     "create",
+    "decompose",
+    "decomposition",
     "in_mode",
     "layers",
     "model_names",

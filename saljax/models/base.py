@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from saljax.models import decomposition as cd
+
 __all__ = ["ImageClassifier", "require_cam_head"]
 
 
@@ -118,6 +120,29 @@ class ImageClassifier(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``head(features(x))``: ``(B, H, W, in_channels) -> (B, num_classes)`` float32."""
         return self.head(self.features(x))
+
+    def decompose_features(self, parts: cd.Parts) -> cd.Parts:
+        """Contextual decomposition of :meth:`backbone` (:mod:`saljax.models.decomposition`).
+
+        ``parts``: ``(beta, gamma)`` of the checked input; returns those of the feature map. A model
+        that supports CDEP overrides this next to its ``backbone``, with the rules of
+        :mod:`saljax.models.decomposition`.
+        """
+        raise ValueError(
+            f"model {type(self).__name__} declares no contextual decomposition: implement decompose_features(parts)"
+        )
+
+    def decompose_head(self, parts: cd.Parts) -> cd.Parts:
+        """Contextual decomposition of :meth:`head`: ``(beta, gamma)`` of the feature map -> of the logits.
+
+        The default decomposes the GAP + ``classifier`` head; other heads override it.
+        """
+        if self.head_type != "gap":
+            raise ValueError(
+                f"model {type(self).__name__} (head_type {self.head_type!r}) must implement decompose_head(parts)"
+            )
+        parts = cd.cast(parts, self.classifier.dtype)
+        return cd.layer(self.classifier, cd.global_avg_pool(parts))
 
 
 def in_mode(model: nnx.Module, *, train: bool) -> nnx.Module:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from saljax.models import _checks, layers
+from saljax.models import decomposition as cd
 from saljax.models.base import ImageClassifier
 
 __all__ = ["MLP"]
@@ -101,6 +102,17 @@ class MLP(ImageClassifier):
         for layer in self.deeper:
             h = self.activation(layer(h))
         return h.reshape(h.shape[0], 1, 1, h.shape[-1])
+
+    def decompose_features(self, parts: cd.Parts) -> cd.Parts:
+        b = parts[0].shape[0]
+        parts = cd.activation(self.activation, cd.layer(self.hidden, cd.reshape(parts, (b, -1))))
+        for layer in self.deeper:
+            parts = cd.activation(self.activation, cd.layer(layer, parts))
+        return cd.reshape(parts, (b, 1, 1, self.feature_channels))
+
+    def decompose_head(self, parts: cd.Parts) -> cd.Parts:
+        parts = cd.cast(parts, self.classifier.dtype)
+        return cd.layer(self.classifier, cd.reshape(parts, (parts[0].shape[0], -1)))
 
     def head(self, a: jax.Array) -> jax.Array:
         """The output layer: ``(B, 1, 1, C') -> (B, num_classes)`` float32 logits."""

@@ -15,6 +15,7 @@ from flax import nnx
 
 from saljax.models import _checks, layers
 from saljax.models import conv as conv_lib
+from saljax.models import decomposition as cd
 from saljax.models.base import ImageClassifier
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet50", "STEMS"]
@@ -57,10 +58,21 @@ class BasicBlock(nnx.Module):
             return x
         return self.downsample_bn(self.downsample_conv(x))
 
+    def decompose_shortcut(self, parts: cd.Parts) -> cd.Parts:
+        if self.downsample_conv is None or self.downsample_bn is None:
+            return parts
+        return cd.layer(self.downsample_bn, cd.layer(self.downsample_conv, parts))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.activation(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return self.activation(y + self.shortcut(x))
+
+    def decompose(self, parts: cd.Parts) -> cd.Parts:
+        """Contextual decomposition of ``__call__`` (:mod:`saljax.models.decomposition`)."""
+        y = cd.activation(self.activation, cd.layer(self.bn1, cd.layer(self.conv1, parts)))
+        y = cd.layer(self.bn2, cd.layer(self.conv2, y))
+        return cd.activation(self.activation, cd.add(y, self.decompose_shortcut(parts)))
 
 
 class Bottleneck(BasicBlock):
@@ -91,6 +103,13 @@ class Bottleneck(BasicBlock):
         y = self.activation(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         return self.activation(y + self.shortcut(x))
+
+    def decompose(self, parts: cd.Parts) -> cd.Parts:
+        """Contextual decomposition of ``__call__`` (:mod:`saljax.models.decomposition`)."""
+        y = cd.activation(self.activation, cd.layer(self.bn1, cd.layer(self.conv1, parts)))
+        y = cd.activation(self.activation, cd.layer(self.bn2, cd.layer(self.conv2, y)))
+        y = cd.layer(self.bn3, cd.layer(self.conv3, y))
+        return cd.activation(self.activation, cd.add(y, self.decompose_shortcut(parts)))
 
 
 class ResNet(ImageClassifier):
@@ -183,6 +202,15 @@ class ResNet(ImageClassifier):
             for block in stage:
                 x = block(x)
         return x
+
+    def decompose_features(self, parts: cd.Parts) -> cd.Parts:
+        parts = cd.activation(self.activation, cd.layer(self.bn1, cd.layer(self.conv1, parts)))
+        if self.stem == "imagenet":
+            parts = cd.max_pool(parts, 3, 2, 1)
+        for stage in self.stages:
+            for block in stage:
+                parts = block.decompose(parts)
+        return parts
 
 
 class ResNet18(ResNet):

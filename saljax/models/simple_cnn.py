@@ -11,6 +11,7 @@ from flax import nnx
 
 from saljax.models import _checks, layers
 from saljax.models import conv as conv_lib
+from saljax.models import decomposition as cd
 from saljax.models.base import ImageClassifier
 
 __all__ = ["SimpleCNN"]
@@ -120,6 +121,18 @@ class SimpleCNN(ImageClassifier):
         for conv, norm in zip(self.convs, self.norms):
             x = self.activation(norm(conv(x)))
         return x
+
+    def decompose_features(self, parts: cd.Parts) -> cd.Parts:
+        for conv, norm in zip(self.convs, self.norms):
+            parts = cd.activation(self.activation, cd.layer(norm, cd.layer(conv, parts)))
+        return parts
+
+    def decompose_head(self, parts: cd.Parts) -> cd.Parts:
+        if self.head_type == "gap":
+            return super().decompose_head(parts)
+        parts = cd.cast(parts, self.classifier.dtype)
+        parts = cd.reshape(parts, (parts[0].shape[0], -1))
+        return cd.layer(self.classifier, cd.activation(self.activation, cd.layer(self.hidden, parts)))
 
     def head(self, a: jax.Array) -> jax.Array:
         """``(B, h, w, C') -> (B, num_classes)`` float32 logits.

@@ -11,6 +11,7 @@ from flax import nnx
 
 from saljax.models import _checks, layers
 from saljax.models import conv as conv_lib
+from saljax.models import decomposition as cd
 from saljax.models.base import ImageClassifier
 
 __all__ = ["XILCNN"]
@@ -129,6 +130,16 @@ class XILCNN(ImageClassifier):
         for conv in self.convs:
             x = layers.max_pool(self.activation(conv(x)), 2, 2)
         return x
+
+    def decompose_features(self, parts: cd.Parts) -> cd.Parts:
+        for conv in self.convs:
+            parts = cd.max_pool(cd.activation(self.activation, cd.layer(conv, parts)), 2, 2)
+        return parts
+
+    def decompose_head(self, parts: cd.Parts) -> cd.Parts:
+        parts = cd.cast(parts, self.classifier.dtype)
+        parts = cd.reshape(parts, (parts[0].shape[0], -1))
+        return cd.layer(self.classifier, cd.activation(self.activation, cd.layer(self.hidden, parts)))
 
     def head(self, a: jax.Array) -> jax.Array:
         """flatten -> hidden -> activation -> classifier: ``(B, h, w, C') -> (B, K)`` float32 logits.
