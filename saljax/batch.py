@@ -62,8 +62,10 @@ def check_batch(
     label = _shape(batch, LABEL)
     if label != (b,):
         raise ValueError(f"batch['label'] must have shape (B,) = ({b},) to match batch['image'] {image}; got {label}")
-    if not jnp.issubdtype(jnp.asarray(batch[LABEL]).dtype, jnp.integer):
-        raise ValueError(f"batch['label'] must hold integer class indices; got dtype {jnp.asarray(batch[LABEL]).dtype}")
+    # The dtype without a device transfer: batches arrive as numpy arrays or traced/jax arrays.
+    label_dtype = getattr(batch[LABEL], "dtype", None) or np.asarray(batch[LABEL]).dtype
+    if not jnp.issubdtype(label_dtype, jnp.integer):
+        raise ValueError(f"batch['label'] must hold integer class indices; got dtype {label_dtype}")
     if HAS_MAP in batch and _shape(batch, HAS_MAP) != (b,):
         raise ValueError(f"batch['has_map'] must have shape (B,) = ({b},); got {_shape(batch, HAS_MAP)}")
     if not needs_map and SALIENCY_MAP not in batch:
