@@ -165,7 +165,7 @@ class Loss:
         batch_lib.check_batch(batch)
         if self.transform is not None:
             if key is None:
-                raise ValueError("this loss transforms the batch with random numbers: call loss(classifier, batch, key=...)")
+                raise ValueError("the batch transform of this loss draws random numbers: call loss(classifier, batch, key=...)")
             batch = self.transform(batch, term_key(key, "transform"))
         _check_needs(self.terms, classifier, batch, key)
         x = jnp.asarray(batch[batch_lib.IMAGE])

@@ -54,12 +54,15 @@ def build(method, options, *, combine, cross_entropy, terms, transforms, partial
         raise ValueError(f"method must be one of {sorted(PRESETS)}; got {method!r}")
     row = PRESETS[method]
     options = dict(options)
+    weight = options.pop("alpha", row["alpha"]) if "alpha" in row else options.pop("lam", row.get("lam"))
+    if "alpha" in row and not 0.0 <= weight <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
     transform = None
     if "transform" in row:
         transform = partial(transforms[row["transform"]], **options)
         options = {}
     if row["term"] is None:
-        ce = cross_entropy(**options) if transform is None else cross_entropy()
+        ce = cross_entropy(**options)
         return combine(ce, transform=transform) if row.get("transform_of") == "loss" else combine(ce)
     term = terms[row["term"]]
     fixed = dict(row.get("options", {}))
@@ -67,9 +70,5 @@ def build(method, options, *, combine, cross_entropy, terms, transforms, partial
         fixed["transform"] = transform
     reduction = row.get("ce_reduction", "mean")
     if "alpha" in row:
-        alpha = options.pop("alpha", row["alpha"])
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
-        return combine(cross_entropy(alpha, reduction=reduction), term(weight=1.0 - alpha, **{**fixed, **options}))
-    lam = options.pop("lam", row["lam"])
-    return combine(cross_entropy(reduction=reduction), term(lam, **{**fixed, **options}))
+        return combine(cross_entropy(weight, reduction=reduction), term(weight=1.0 - weight, **{**fixed, **options}))
+    return combine(cross_entropy(reduction=reduction), term(weight, **{**fixed, **options}))
