@@ -145,14 +145,22 @@ class Forward:
 
 @contextlib.contextmanager
 def _restored_buffers(model: torch.nn.Module) -> Iterator[None]:
-    """Runs a pass whose BatchNorm running-statistics update is undone afterwards."""
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    """Runs a pass on copies of the BatchNorm buffers, then puts the originals back.
+
+    Swapping (not copying back in place) keeps the originals at the version autograd saved them at.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [dict(m._buffers) for m in norms]
+    for m in norms:
+        for name, b in m._buffers.items():
+            if b is not None:
+                setattr(m, name, b.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(saved[n])
+        for m, buffers in zip(norms, saved):
+            for name, b in buffers.items():
+                setattr(m, name, b)
 
 
 def _gap_weight(model: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:

@@ -110,9 +110,13 @@ CASES = [
     Case("cnn", "cnn", "actdiff", {"layer": "logits"}, routes=EAGER),
     Case("cnn", "cnn", "sgt", {"abs_saliency": True, "fraction": 0.3}, routes=EAGER),
     Case("cnn", "cnn", "counterexamples", {"alpha": 0.7, "value_range": (-1.0, 2.0)}, routes=EAGER),
+    # RBR on the ReLU SimpleCNN only: PyTorch's third derivative through train-mode BatchNorm is
+    # wrong (its batch-norm double backward treats the batch statistics as constants). With softplus
+    # or tanh, autograd gives d term / d conv bias ~1e-2 where finite differences (and saljax) give
+    # 0: BatchNorm removes that bias. With ReLU the error stays below the tolerance. saljax's RBR is
+    # checked against finite differences through BatchNorm in test_xil_methods.py.
     Case("cnn", "cnn", "rbr", {"reduction": "mean"}, routes=EAGER),
     Case("cnn_mlp", "cnn_mlp", "sgt", {}, routes=EAGER),
-    Case("cnn_mlp", "cnn_mlp", "rbr", {}, routes=EAGER),
     Case("resnet18", "resnet18", "rrr_g", {}, routes=EAGER),
     Case("resnet18", "resnet18", "actdiff", {}, routes=EAGER),
     Case("cnn", "cnn", "ce", {"reduction": "sum"}),

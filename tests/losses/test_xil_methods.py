@@ -229,10 +229,11 @@ def test_gradients_match_finite_differences(name, x64):
 
 
 class _BatchNormNet(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(1, 3, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
-        self.bn = nnx.BatchNorm(3, momentum=0.9, rngs=rngs)
-        self.classifier = nnx.Linear(3, 2, rngs=rngs)
+    def __init__(self, rngs, dtype=jnp.float32):
+        kw = {"dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        self.conv = nnx.Conv(1, 3, (3, 3), padding=((1, 1), (1, 1)), **kw)
+        self.bn = nnx.BatchNorm(3, momentum=0.9, **kw)
+        self.classifier = nnx.Linear(3, 2, **kw)
 
     def features(self, x):
         return jnp.tanh(self.bn(self.conv(x)))
@@ -268,6 +269,21 @@ def test_batchnorm_statistics_change_once(method):
     # The transforms replace the batch before the one pass; every other method passes the clean batch once.
     seen = batch if loss.transform is None else loss.transform(batch, losses.term_key(KEY, "transform"))
     chex.assert_trees_all_close(aux.state, _one_pass_state(model, seen["image"]), rtol=1e-6)
+
+
+# nnx.BatchNorm keeps float32 running statistics in a float64 model; the update warns, harmlessly here.
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+def test_rbr_through_train_mode_batchnorm_matches_finite_differences(x64):
+    """Third order through train-mode BatchNorm (where PyTorch's autograd drops the batch statistics'
+    dependence; see the parity test): the conv bias, removed by BatchNorm, gets exactly no gradient."""
+    model = _BatchNormNet(nnx.Rngs(0), jnp.float64)
+    model.train()
+    batch = make_batch(jax.random.key(1), b=4, h=5, w=5, c=1, dtype=jnp.float64)
+    graphdef, params, state = nnx.split(model, nnx.Param, ...)
+    loss = losses.combine(losses.rbr(1.0))
+    f = lambda p: loss(classifier.from_nnx(graphdef, p, state), batch)[0]
+    jax.test_util.check_grads(jax.jit(f), (params,), order=1, modes=["rev"], eps=1e-5)
+    assert float(jnp.max(jnp.abs(jax.grad(f)(params)["conv"]["bias"][...]))) < 1e-12
 
 
 # --- composition and presets --------------------------------------------------------------------------------
