@@ -12,6 +12,11 @@ from saljax import batch as batch_lib
 Batch = batch_lib.Batch
 
 
+def spatial_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(h, w) of an NHWC shape (B, h, w, C) or of a map shape (B, h, w)."""
+    return int(shape[1]), int(shape[2])
+
+
 def labels(batch: Batch) -> jax.Array:
     return jnp.asarray(batch[batch_lib.LABEL])
 

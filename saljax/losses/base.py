@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +133,7 @@ class LossAux(NamedTuple):
 
 def _check_needs(terms: tuple[Term, ...], classifier: Classifier, batch: Batch, key: jax.Array | None) -> None:
     """Errors that can be seen before any tracing: missing key, parameters or saliency maps."""
-    image_size = tuple(jnp.shape(batch[batch_lib.IMAGE])[1:3])
+    image_size = _common.spatial_size(jnp.shape(batch[batch_lib.IMAGE]))
     for term in terms:
         if term.needs_key and key is None:
             raise ValueError(f"the loss term {term.name!r} draws random numbers: call loss(classifier, batch, key=...)")
@@ -188,9 +188,10 @@ class Loss:
                     f"the loss term {term.name!r} needs a conv feature map: classifier.features must return"
                     f" (B, h, w, C'); got shape {jnp.shape(feature_map)}")
             if term.needs_map and term.cam_maps:
-                batch_lib.check_batch(batch, needs_map=True, map_sizes=[tuple(x.shape[1:3]), tuple(feature_map.shape[1:3])])
+                sizes = [_common.spatial_size(x.shape), _common.spatial_size(feature_map.shape)]
+                batch_lib.check_batch(batch, needs_map=True, map_sizes=sizes)
             values[term.name] = term.fn(fwd, batch)
-        total = sum(t.weight * values[t.name] for t in self.terms)
+        total = cast(jax.Array, sum(t.weight * values[t.name] for t in self.terms))
         return total, LossAux(terms=values, logits=logits, state=state)
 
 

@@ -55,7 +55,7 @@ def _cam_term(
         cams = fwd.cams()
         cam_t = _cam_of(cams, index)
         cam_f = _cam_of(cams, 1 - index) if binary else None
-        maps = _common.map_at(batch, tuple(cam_t.shape[1:]), antialias)
+        maps = _common.map_at(batch, _common.spatial_size(cam_t.shape), antialias)
         per = per_sample(cam_t, cam_f, maps, eps)
         return _common.masked_mean(per, batch_lib.map_weights(batch))
 

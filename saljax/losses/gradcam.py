@@ -55,7 +55,7 @@ def rrr_g(
     def fn(fwd: Forward, batch: Batch) -> Value:
         index = jnp.argmax(jax.lax.stop_gradient(fwd.logits), axis=-1)
         gc = _normalised_grad_cam(fwd, index, weights, eps)
-        outside = 1.0 - _common.map_at(batch, tuple(gc.shape[1:]), antialias)
+        outside = 1.0 - _common.map_at(batch, _common.spatial_size(gc.shape), antialias)
         per = jnp.sum((outside * gc) ** 2, axis=(1, 2))
         return _common.penalty_reduce(per, batch_lib.map_weights(batch), reduction, int(np.prod(gc.shape[1:])))
 
@@ -104,7 +104,7 @@ def hint(
     def fn(fwd: Forward, batch: Batch) -> Value:
         gc = _normalised_grad_cam(fwd, _common.labels(batch), weights, eps)
         maps = _common.maps(batch)
-        up = _upsample_nearest(gc, tuple(maps.shape[1:]))
+        up = _upsample_nearest(gc, _common.spatial_size(maps.shape))
         per = jnp.sum((up - maps) ** 2, axis=(1, 2))
         return _common.penalty_reduce(per, batch_lib.map_weights(batch), reduction, int(np.prod(maps.shape[1:])))
 

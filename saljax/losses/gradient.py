@@ -104,11 +104,14 @@ def _sum_of_parameter_gradient(fwd: Forward, labels: jax.Array):
     forward passes here are train-mode reruns whose BatchNorm state update is dropped.
     """
     clf = fwd.classifier
+    rebind = clf.rebind
+    if rebind is None:  # checked by Loss before tracing; kept for direct callers
+        raise ValueError("rbr needs a classifier with parameters (classifier.from_nnx or from_linen)")
     params = clf.params
     ones = jax.tree.map(jnp.ones_like, params)
 
     def ce(theta, x):
-        model = clf.rebind(theta)
+        model = rebind(theta)
         logits = model.head(model.features(x)[0])
         return jnp.mean(_common.ce_per_sample(logits, labels))
 

@@ -1,6 +1,6 @@
 """The one table of every method's defaults (its paper's, or the XIL framework's), as plain data.
 
-This module imports nothing, so that saljax and its PyTorch baseline (another interpreter, without
+This module imports only the standard library, so that saljax and its PyTorch baseline (another interpreter, without
 jax) read the same numbers: the baseline loads this file by path. `build` turns a row into a loss
 with the term constructors of either implementation.
 
@@ -11,7 +11,9 @@ applies before its pass (`transform_of: "loss"`) or that the penalty applies to 
 (`transform_of: "term"`).
 """
 
-PRESETS = {
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
     # CE alone.
     "ce": {"term": None},
     # GradMask (Simpson et al. 2019): the authors' final code, and the code at submission time.
@@ -43,7 +45,8 @@ PRESETS = {
 }
 
 
-def build(method, options, *, combine, cross_entropy, terms, transforms, partial):
+def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: Any, terms: Any, transforms: Any,
+          partial: Any) -> Any:
     """The loss of `method` with `options` overriding its defaults (see the module docstring).
 
     `combine`, `cross_entropy`: the implementation's; `terms`, `transforms`: {name: constructor};

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from saljax import batch as batch_lib
+from saljax.losses import _common
 
 Batch = Mapping[str, jax.Array]
 
@@ -39,7 +40,7 @@ __all__ = [
 
 
 def _needs_map(batch: Batch) -> None:
-    batch_lib.check_batch(batch, needs_map=True, map_sizes=[tuple(jnp.shape(batch[batch_lib.IMAGE])[1:3])])
+    batch_lib.check_batch(batch, needs_map=True, map_sizes=[_common.spatial_size(jnp.shape(batch[batch_lib.IMAGE]))])
 
 
 def outside_region(batch: Batch, threshold: float = 0.5) -> jax.Array:
