@@ -31,6 +31,11 @@ class Classifier(NamedTuple):
 
     features: Callable[[Array], tuple[Array, Any]]
     head: Callable[[Array], Array]
+    # The parameters that `features` and `head` close over, and `rebind(p)`: the same classifier
+    # closing over `p` instead. Losses that differentiate with respect to the parameters inside the
+    # loss (RBR) need them; None for `from_functions`.
+    params: Any = None
+    rebind: Callable[[Any], Classifier] | None = None
 
     def feature_map(self, x: Array) -> Array:
         """`A` (B, h, w, C') for inputs x (B, H, W, C), dropping the state."""
@@ -65,7 +70,8 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     def head(feature_map):
         return nnx.merge(graphdef, params, state, copy=True).head(feature_map)
 
-    return Classifier(features=features, head=head)
+    return Classifier(features=features, head=head, params=params,
+                      rebind=lambda new_params: from_nnx(graphdef, new_params, state))
 
 
 def from_linen(
@@ -90,4 +96,8 @@ def from_linen(
     def head(feature_map):
         return module.apply(variables, feature_map, method=head_method)
 
-    return Classifier(features=features, head=head)
+    def rebind(params):
+        return from_linen(module, {**variables, "params": params}, features_method=features_method,
+                          head_method=head_method, mutable=mutable)
+
+    return Classifier(features=features, head=head, params=variables.get("params"), rebind=rebind)

@@ -9,6 +9,8 @@ IN.npz:
                           "method", "options"}], "threads": int | null}
   `model/<name>/<path>`   the model's parameters and BatchNorm statistics (flax paths, float64)
   `batch/<name>/<key>`    image (B, H, W, C), label (B,), saliency_map, has_map
+  `draws/<id>/uniform/<term>`  saljax's random draws of a case, for the terms that perturb the batch
+                          (NHWC for images); merged into that case's batch
 
 OUT.npz, for every case id (the model is loaded afresh for each case, in train mode):
   `case/<id>/loss`, `case/<id>/term/<name>`, `case/<id>/logits`
@@ -58,6 +60,10 @@ def to_torch_batch(arrays: Mapping[str, np.ndarray], dtype: torch.dtype) -> dict
         batch["saliency_map"] = torch.from_numpy(np.asarray(arrays["saliency_map"])).to(dtype)
     if "has_map" in arrays:
         batch["has_map"] = torch.from_numpy(np.asarray(arrays["has_map"]).astype(np.float64)).to(dtype)
+    for key, value in arrays.items():  # saljax's random draws: images' draws to NCHW
+        if key.startswith("uniform/"):
+            value = layout.nhwc_to_nchw(value) if np.ndim(value) == 4 else np.asarray(value)
+            batch[key] = torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
     return batch
 
 
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             dtype = _DTYPES[case["dtype"]]
             model = build_model(spec["models"][case["model"]], _prefixed(arrays, f"model/{case['model']}/"), dtype)
-            batch = to_torch_batch(_prefixed(arrays, f"batch/{case['batch']}/"), dtype)
+            draws = _prefixed(arrays, f"draws/{case['id']}/")  # this case's random draws, if any
+            batch = to_torch_batch({**_prefixed(arrays, f"batch/{case['batch']}/"), **draws}, dtype)
             result = run_case(model, batch, case["method"], case.get("options", {}), case.get("route", "eager"))
             out.update({prefix + k: v for k, v in result.items()})
         except Exception:  # reported per case, so one failure does not hide the others

@@ -22,6 +22,11 @@ so the logits in float32 whatever `dtype` is, and its losses read maps as float3
 agreement is therefore ~1e-6, not ~1e-12 (the maps here hold float32 values, so both sides read
 the same maps).
 
+The comparison methods that draw random numbers (ActDiff, SGT, counterexamples, shuffled images)
+use saljax's draws on both sides: saljax draws from `term_key(jax.random.key(KEY), name)` and the
+same arrays travel to PyTorch with the case's batch. Grad-CAM terms, RBR and the second-pass
+methods are compared with the eager PyTorch route only (see ROUTES).
+
 PyTorch runs in its own interpreter, `$SALJAX_TORCH_PYTHON` (`make test` sets it): all cases
 travel in one .npz to one `python -m baselines.torch.run` call, which runs while the saljax side
 compiles one program per model and dtype. Inputs are random normal (tie-free: `abs`, `min`, `max`
@@ -66,6 +71,14 @@ MODELS = {
                  "image": (4, 33, 33, 3)},
 }
 
+# Both PyTorch routes: "eager" (autograd with create_graph=True, as the authors) and "func"
+# (torch.func: functional_call, vjp, grad; no running statistics there). Grad-CAM terms, RBR and the
+# second-pass methods differentiate the eager graph (autograd.grad w.r.t. the feature map or the
+# parameters, BatchNorm buffers restored after a second pass): eager only.
+ROUTES = ("eager", "func")
+EAGER = ("eager",)
+
+
 class Case(NamedTuple):
     """One comparison: batch "<model>" has maps at the image size, "cnn_small_maps" at the CAM size."""
 
@@ -74,6 +87,7 @@ class Case(NamedTuple):
     method: str
     options: dict
     dtypes: tuple[str, ...] = DTYPES
+    routes: tuple[str, ...] = ROUTES
 
     @property
     def name(self) -> str:
@@ -81,8 +95,38 @@ class Case(NamedTuple):
         return "-".join(filter(None, [self.model if self.batch == self.model else self.batch, self.method, opts]))
 
 
+# Methods whose losses draw random numbers: (term name, draw shape: "image" (B, H, W, C) or "pixels"
+# (B, H*W)); saljax draws them from `term_key(KEY, name)` and PyTorch reads the same draws.
+DRAWS = {
+    "actdiff": [("actdiff", "pixels")],
+    "sgt": [("sgt", "image")],
+    "counterexamples": [("ce_transformed", "image")],
+    "shuffled_images": [("transform", "pixels")],
+}
+EAGER_ONLY = {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images", "rrr_g", "hint", "rbr"}
+KEY = 0  # jax.random.key(KEY) is every loss's key
+
 CASES = [
-    *[Case("cnn", "cnn", m, {}) for m in losses.METHODS],
+    *[Case("cnn", "cnn", m, {}, ("float32",) if m == "rbr" else DTYPES, EAGER if m in EAGER_ONLY else ROUTES)
+      for m in losses.METHODS],
+    Case("cnn", "cnn", "rrr_g", {"weights": "constant", "reduction": "mean"}, routes=EAGER),
+    Case("cnn", "cnn_small_maps", "rrr_g", {}, routes=EAGER),
+    Case("cnn", "cnn", "hint", {"weights": "constant", "reduction": "mean"}, routes=EAGER),
+    Case("cnn", "cnn", "actdiff", {"layer": "feature_map", "lam": 0.5}, routes=EAGER),
+    Case("cnn", "cnn", "actdiff", {"layer": "logits"}, routes=EAGER),
+    Case("cnn", "cnn", "sgt", {"abs_saliency": True, "fraction": 0.3}, routes=EAGER),
+    Case("cnn", "cnn", "counterexamples", {"alpha": 0.7, "value_range": (-1.0, 2.0)}, routes=EAGER),
+    # RBR in float32 on the ReLU SimpleCNN only: PyTorch's third derivative through train-mode
+    # BatchNorm is wrong (its batch-norm double backward treats the batch statistics as constants).
+    # With softplus or tanh, autograd gives d term / d conv bias ~1e-2 where finite differences (and
+    # saljax) give 0, since BatchNorm removes that bias; without BatchNorm autograd and finite
+    # differences agree. With ReLU PyTorch's error is ~5e-6 relative: below float32's tolerance, at
+    # float64's. saljax's RBR is checked against finite differences through BatchNorm in
+    # test_xil_methods.py.
+    Case("cnn", "cnn", "rbr", {"reduction": "mean"}, ("float32",), routes=EAGER),
+    Case("cnn_mlp", "cnn_mlp", "sgt", {}, routes=EAGER),
+    Case("resnet18", "resnet18", "rrr_g", {}, routes=EAGER),
+    Case("resnet18", "resnet18", "actdiff", {}, routes=EAGER),
     Case("cnn", "cnn", "ce", {"reduction": "sum"}),
     Case("cnn", "cnn", "gradmask", {"lam": 0.3, "norm": "l2sq"}),
     Case("cnn", "cnn", "gradmask", {"samples": "positives"}),
@@ -110,9 +154,6 @@ CASES = [
 assert len({c.name for c in CASES}) == len(CASES)
 # (case id, case, dtype) for every comparison.
 RUNS = [(f"{c.name}-{dtype}", c, dtype) for c in CASES for dtype in c.dtypes]
-# Each run is compared with both PyTorch routes: "eager" (autograd with create_graph=True, as the
-# authors) and "func" (torch.func: functional_call, vjp, grad; no running statistics there).
-ROUTES = ("eager", "func")
 
 
 def _file_id(case_id: str) -> str:
@@ -172,6 +213,17 @@ def _jax_batch(batch: dict, dtype) -> dict:
             "saliency_map": jnp.asarray(batch["saliency_map"], dtype), "has_map": jnp.asarray(batch["has_map"], dtype)}
 
 
+def _draws(case: Case, dtype_name: str, batch: dict) -> dict[str, np.ndarray]:
+    """{"uniform/<name>": saljax's draw} for the case's random terms (NHWC for images)."""
+    b, h, w, c = batch["image"].shape
+    shapes = {"image": (b, h, w, c), "pixels": (b, h * w)}
+    with jax.enable_x64(dtype_name == "float64"):
+        key = jax.random.key(KEY)
+        return {f"uniform/{name}": np.asarray(jax.random.uniform(losses.term_key(key, name), shapes[kind],
+                                                                 jnp.dtype(dtype_name)), np.float64)
+                for name, kind in DRAWS.get(case.method, [])}
+
+
 # The programs run once: LLVM's optimisations would cost more compile time than they save.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
@@ -197,7 +249,7 @@ def _saljax_side(model_key: str, dtype_name: str, weights: dict, batches: dict) 
             out = {}
             for case_id, loss, batch in loss_fns:
                 def loss_of(p, loss=loss, batch=batch):
-                    return loss(classifier.from_nnx(graphdef, p, state), batches[batch])
+                    return loss(classifier.from_nnx(graphdef, p, state), batches[batch], key=jax.random.key(KEY))
 
                 (value, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
                 out[case_id] = (value, aux.logits, aux.terms, grads, aux.state)
@@ -271,11 +323,13 @@ def parity(request) -> dict[str, list[str]]:
         "models": {k: {"name": m["name"], "kwargs": m["kwargs"]} for k, m in MODELS.items()},
         "cases": [{"id": _file_id(f"{case_id}-{route}"), "model": c.model, "batch": c.batch, "dtype": dtype,
                    "method": c.method, "options": c.options, "route": route}
-                  for case_id, c, dtype in RUNS for route in ROUTES],
+                  for case_id, c, dtype in RUNS for route in c.routes],
         "threads": 1,  # the saljax side compiles meanwhile
     }
     arrays = {f"model/{k}/{p}": v for k, w in weights.items() for p, v in w.items()}
     arrays.update({f"batch/{k}/{key}": v for k, b in batches.items() for key, v in b.items()})
+    arrays.update({f"draws/{_file_id(f'{case_id}-{route}')}/{name}": v for case_id, c, dtype in RUNS for route in c.routes
+                   for name, v in _draws(c, dtype, batches[c.batch]).items()})
     torch_run = bridge.start_torch(spec, arrays)
     ours = {}
     for key in MODELS:
@@ -286,7 +340,7 @@ def parity(request) -> dict[str, list[str]]:
     results: dict[str, list[str]] = {}
     worst: dict[str, tuple[float, str]] = defaultdict(lambda: (0.0, ""))
     for case_id, case, dtype in RUNS:
-        for route in ROUTES:
+        for route in case.routes:
             run_id = f"{case_id}-{route}"
             try:
                 want = _torch_side(torch_out, run_id, weights[case.model])
@@ -320,7 +374,7 @@ def _report(config: pytest.Config, lines: list[str]) -> None:
             reporter.write_line(line)
 
 
-@pytest.mark.parametrize("run_id", [f"{r[0]}-{route}" for r in RUNS for route in ROUTES])
+@pytest.mark.parametrize("run_id", [f"{r[0]}-{route}" for r in RUNS for route in r[1].routes])
 def test_matches_torch(parity: dict[str, list[str]], run_id: str) -> None:
     problems = parity[run_id]
     if problems:

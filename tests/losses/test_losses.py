@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
+from conftest import conv_classifier, conv_features, gap_dense_head, linear_classifier, make_batch, make_conv_params
 from flax import nnx
 
-from conftest import conv_classifier, conv_features, gap_dense_head, linear_classifier, make_batch, make_conv_params
 from saljax import batch as batch_lib
 from saljax import classifier, losses
 
@@ -311,11 +311,18 @@ class CombineVariantsTest(chex.TestCase):
         np.testing.assert_allclose(value, eager, rtol=1e-5)
 
 
+def bound_classifier(params):
+    """`conv_classifier` that also exposes its parameters (for RBR), as `classifier.from_nnx` does."""
+    return classifier.Classifier(lambda x: (conv_features(params, x), None), lambda a: gap_dense_head(params, a),
+                                 params=params, rebind=bound_classifier)
+
+
 def test_for_method_builds_every_method():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
     for method in losses.METHODS:
-        value, aux = jax.jit(lambda p: losses.for_method(method)(conv_classifier(p), batch))(params)
+        loss = losses.for_method(method)
+        value, _ = jax.jit(lambda p, loss=loss: loss(bound_classifier(p), batch, key=jax.random.key(2)))(params)
         assert np.isfinite(value), method
     cyborg = losses.for_method("cyborg", alpha=0.25)
     assert [(t.name, t.weight) for t in cyborg.terms] == [("ce", 0.25), ("cyborg", 0.75)]

@@ -1,0 +1,51 @@
+"""`for_method`: the full loss each method trains with, from the one table of defaults (`preset_table`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from saljax.losses import cam, gradcam, gradient, preset_table, second_pass, transforms
+from saljax.losses.base import Loss, combine, cross_entropy
+
+__all__ = ["for_method", "METHODS", "PRESETS"]
+
+PRESETS = preset_table.PRESETS
+
+_TERMS: Mapping[str, Callable[..., Any]] = {
+    "gradmask": gradient.gradmask,
+    "rrr": gradient.rrr,
+    "rbr": gradient.rbr,
+    "cyborg": cam.cyborg,
+    "dd_difference": cam.dd_difference,
+    "dd_paired": cam.dd_paired,
+    "dd_divergence": cam.dd_divergence,
+    "rrr_g": gradcam.rrr_g,
+    "hint": gradcam.hint,
+    "actdiff": second_pass.actdiff,
+    "sgt": second_pass.sgt,
+    "transformed_ce": second_pass.transformed_ce,
+}
+_TRANSFORMS: Mapping[str, Callable[..., Any]] = {
+    "counterexamples": transforms.counterexamples,
+    "mask_outside": transforms.mask_outside,
+    "shuffle_outside": transforms.shuffle_outside,
+}
+
+
+def for_method(method: str, **options: Any) -> Loss:
+    """The full loss a method trains with, e.g. `for_method("cyborg", alpha=0.5)`.
+
+    Defaults come from `PRESETS` (the papers'). Methods weighted by `lam` (gradmask*, rrr, rbr,
+    rrr_g, hint, actdiff, sgt) give `CE + lam * term` and take `lam` and the term's options; the
+    CAM methods and counterexamples take `alpha` (CE weight; the term gets 1 - alpha);
+    counterexamples, masked_images and shuffled_images take their transform's options
+    (`threshold`, `value_range`). Methods that draw random numbers (actdiff, sgt, counterexamples,
+    shuffled_images) are called as `loss(classifier, batch, key=key)`.
+    """
+    return preset_table.build(method, options, combine=combine, cross_entropy=cross_entropy, terms=_TERMS,
+                              transforms=_TRANSFORMS, partial=functools.partial)
+
+
+METHODS: Mapping[str, Callable[..., Loss]] = {name: functools.partial(for_method, name) for name in PRESETS}
