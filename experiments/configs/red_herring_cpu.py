@@ -25,7 +25,7 @@ def get_suite():
         "red_herring_cpu",
         f"red-herring synthetic set, ResNet-18 width {WIDTH}, {EPOCHS} epochs (CPU-sized)",
         f"Deviation from the paper, to fit 2 CPU cores: ResNet-18 width {WIDTH} (paper 64) and {EPOCHS} epochs "
-        "(paper 100); everything else is the paper's protocol and tuned settings. `masked` trains on the images "
+        "(paper 100); everything else is the paper's protocol and tuned settings. `masked_images` trains on the images "
         "with everything outside the mask set to 0. Saliency IoU: the top-|H| pixels of the map against the "
         "mask, as the paper reports it.",
         quick=("num_steps=62", "eval_every=31"),

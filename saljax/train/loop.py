@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
     loss = make_loss(config)
-    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh)
+    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, seed=config.seed)
     eval_step = make_eval_step(model_def, loss=loss, mesh=mesh)
 
     def new_iterator() -> Any:

@@ -48,8 +48,13 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     jit: bool = True,
+    seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One optimisation step: `(state, batch) -> (new_state, metrics)`.
+
+    Terms and batch transforms that draw random numbers (SGT's noise, ActDiff's shuffle,
+    counterexamples) get the key `fold_in(key(seed), step)`: a function of the state, so a resumed
+    run draws exactly what an uninterrupted one would.
 
     `metrics` holds the total loss, each term's unweighted value (`loss/<name>`), the batch
     accuracy, the global norm of the gradient and `finite` (loss and gradient free of NaN/inf).
@@ -58,8 +63,10 @@ def make_train_step(
     """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+
         def loss_of(params: Any) -> tuple[jax.Array, Any]:
-            return loss(classifier.from_nnx(model_def.train, params, state.model_state), batch)
+            return loss(classifier.from_nnx(model_def.train, params, state.model_state), batch, key=key)
 
         (value, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -107,7 +114,9 @@ def make_eval_step(
             out["saliency_inside"] = metrics.fraction_inside(energy, jnp.asarray(batch[batch_lib.SALIENCY_MAP]))
             out["has_map"] = batch_lib.map_weights(batch) > 0
         if loss is not None:
-            _, aux = loss(classifier.from_nnx(model_def.eval, state.params, state.model_state), batch)
+            # A fixed key: evaluation draws the same numbers at every step and on every run.
+            _, aux = loss(classifier.from_nnx(model_def.eval, state.params, state.model_state), batch,
+                          key=jax.random.key(0))
             # CE is reported per sample above; penalties skip samples with has_map = 0 (padding).
             out.update({f"loss/{k}": jnp.full(labels.shape, v) for k, v in aux.terms.items() if k != "ce"})
         return out
