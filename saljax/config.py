@@ -29,6 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
         "overrides": ml_collections.ConfigDict(),  # builder config fields (image_size, sizes, ...)
         "data_dir": os.environ.get("SALJAX_DATA_DIR", "~/saljax_data"),
         "manual_dir": "",  # saliency_folder: the user's folder
+        "rebuild": False,  # rebuild the prepared copy from its source (e.g. after editing the CSV)
         "train_split": "train",
         "eval_splits": ("validation", "test"),  # evaluated at each evaluation; see checkpoint.best_metric
         "augment": False,
