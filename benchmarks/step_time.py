@@ -142,7 +142,8 @@ def _split_name(name: str) -> tuple[str, str]:
 def table(args, result: dict) -> str:
     targets = {"gradmask": 2.2, "rrr": 2.2, "cyborg": 1.1, "dd_difference": 1.1, "dd_paired": 1.1, "dd_divergence": 1.1}
     lines = [
-        f"Model {args.model}{f' (width {args.width})' if args.model.startswith('resnet') else ''}, {args.image_size}x{args.image_size}x{args.channels}, "
+        f"Model {args.model}{f' (width {args.width})' if args.model.startswith('resnet') else ''}, "
+        f"{args.image_size}x{args.image_size}x{args.channels}, "
         f"batch {args.batch_size}, {args.dtype}, {result['devices']} device(s), backend {result['backend']}, "
         f"jax {result['jax']}; median of {args.repeats} alternated rounds after {args.warmup} warm-up steps.",
         "",

@@ -556,7 +556,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, comman
                       "loss = value incl. input gradients, loss+grad = value and parameter gradients, step = loss+grad",
                       "+ SGD; GFLOP from XLA's cost analysis and torch's FlopCounterMode, which cannot count double",
                       "backward):", ""]
-            lines += ["| loss | framework | forward | loss | loss+grad | step | GFLOP per step | GFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+            lines += ["| loss | framework | forward | loss | loss+grad | step | GFLOP per step | GFLOP/s |",
+                      "|---|---|---|---|---|---|---|---|"]
             for loss, prof in profiles:
                 for fw, p in prof.items():
                     ph = p.get("phases", {})

@@ -11,7 +11,6 @@ import pytest  # noqa: E402
 
 from saljax import classifier  # noqa: E402
 
-
 # Tiny versions of the benchmark datasets and models (config overrides): seconds, not minutes, on 2 cores.
 TINY = {
     "decoy_digits": ["dataset.overrides.image_size=16", "dataset.overrides.max_examples=120",

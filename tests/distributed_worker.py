@@ -16,7 +16,6 @@ process_id, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 
 import numpy as np  # noqa: E402
-
 from parallel_case import GLOBAL_BATCH, run_steps  # noqa: E402
 
 mesh = parallel.make_mesh()  # 4 devices over 2 processes

@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from parallel_case import run_steps
+
 from saljax import parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))

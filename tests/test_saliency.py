@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import conv_features, gap_dense_head, make_conv_params
 from flax import nnx
 
-from conftest import conv_features, gap_dense_head, make_conv_params
 from saljax import saliency
 
 B, H, W, C, K = 3, 4, 4, 2, 3

@@ -31,7 +31,8 @@ def get_config(arg=None):
         c.dataset.overrides.cue_correlation = 0.5
     c.model = ml_collections.ConfigDict({"name": "simple_cnn"})
     c.method = "ce" if method == "clean" else method
-    c.loss = ml_collections.ConfigDict({"lam": 10.0, "reduction": "mean"} if method in ("gradmask", "gradmask_midl", "rrr") else {})
+    gradient_penalty = method in ("gradmask", "gradmask_midl", "rrr")
+    c.loss = ml_collections.ConfigDict({"lam": 10.0, "reduction": "mean"} if gradient_penalty else {})
     # CYBORG's optimiser: SGD with momentum, small weight decay, batch 20.
     c.optimizer = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.005, "momentum": 0.9, "weight_decay": 1e-6})
     c.batch_size = 20

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grain
 import numpy as np
@@ -213,7 +213,7 @@ def _data_source(
             raise ValueError(f"{source.info.full_name} has no split {split!r}; it has {splits}")
         records = source.as_data_source(split)
         if len(records) and len(records) * _example_bytes(records[0]) <= IN_MEMORY_BYTES:
-            return _decoded_split(source, split)
+            return cast(Sequence[Mapping[str, Any]], _decoded_split(source, split))
         return records
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise TypeError(

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 from jax.typing import ArrayLike
-from scipy import ndimage  # type: ignore[import-untyped]
+from scipy import ndimage
 
 from saljax.metrics.classification import fraction_inside
 

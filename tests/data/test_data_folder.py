@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from saljax.data.saliency_folder import FolderDatasetError
 
 import saljax.data as sd
-from saljax.data.saliency_folder import FolderDatasetError
 
 tfds.disable_progress_bar()
 
