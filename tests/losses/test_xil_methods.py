@@ -321,6 +321,8 @@ def test_presets_come_from_the_table():
         elif row["term"] is not None:
             assert weights == [1.0, row["lam"]], method
     assert [t.weight for t in losses.for_method("sgt", lam=0.3).terms] == [1.0, 0.3]
+    random = {m for m in losses.METHODS if losses.for_method(m).needs_key}
+    assert random == {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images"}
 
 
 # --- bad input --------------------------------------------------------------------------------------------
