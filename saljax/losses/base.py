@@ -161,6 +161,11 @@ class Loss:
     def __iter__(self) -> Iterator[Term]:
         return iter(self.terms)
 
+    @property
+    def needs_key(self) -> bool:
+        """Whether the loss draws random numbers, i.e. must be called with `key=`."""
+        return self.transform is not None or any(t.needs_key for t in self.terms)
+
     def __call__(self, classifier: Classifier, batch: Batch, *, key: jax.Array | None = None) -> tuple[jax.Array, LossAux]:
         batch_lib.check_batch(batch)
         if self.transform is not None:

@@ -1,4 +1,4 @@
-"""Losses: hand-computed values, METHODS.md identities, second-order gradients, BatchNorm, bad input."""
+"""Losses: hand-computed values, the CAM margin identity, second-order gradients, BatchNorm, bad input."""
 
 import chex
 import jax

@@ -321,6 +321,8 @@ def test_presets_come_from_the_table():
         elif row["term"] is not None:
             assert weights == [1.0, row["lam"]], method
     assert [t.weight for t in losses.for_method("sgt", lam=0.3).terms] == [1.0, 0.3]
+    random = {m for m in losses.METHODS if losses.for_method(m).needs_key}
+    assert random == {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images"}
 
 
 # --- bad input --------------------------------------------------------------------------------------------
@@ -352,3 +354,31 @@ def test_errors_before_tracing():
         losses.rrr_g(weights="detached")
     with pytest.raises(ValueError, match="method must be one of"):
         losses.for_method("cdep")
+
+
+def test_rbr_with_a_linen_classifier():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def features(self, x):
+            return jnp.tanh(nn.Conv(3, (3, 3))(x))
+
+        @nn.compact
+        def head(self, a):
+            return nn.Dense(2)(a.mean((1, 2)))
+
+        def __call__(self, x):
+            return self.head(self.features(x))
+
+    batch = make_batch(jax.random.key(1), b=4, h=6, w=6, c=1)
+    net = Net()
+    variables = net.init(jax.random.key(0), batch["image"])
+    loss = losses.for_method("rbr")
+
+    def f(params):
+        return loss(classifier.from_linen(net, {**variables, "params": params}, mutable=False), batch)[0]
+
+    value, grads = jax.value_and_grad(f)(variables["params"])
+    assert np.isfinite(value) and value > 0
+    assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
