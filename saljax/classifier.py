@@ -64,7 +64,7 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     def features(x):
         module = nnx.merge(graphdef, params, state, copy=True)
         feature_map = module.features(x)
-        _, _, new_state = nnx.split(module, nnx.Param, ...)
+        new_state = nnx.split(module, nnx.Param, ...)[2]
         return feature_map, new_state
 
     def head(feature_map):
@@ -90,7 +90,8 @@ def from_linen(
 
     def features(x):
         if mutable:
-            return module.apply(variables, x, method=features_method, mutable=list(mutable))
+            collections = mutable if isinstance(mutable, bool) else list(mutable)
+            return module.apply(variables, x, method=features_method, mutable=collections)
         return module.apply(variables, x, method=features_method), None
 
     def head(feature_map):
