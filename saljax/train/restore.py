@@ -62,5 +62,5 @@ def load_model(directory: str | os.PathLike[str], *, step: int | str = "best", w
             _log.warning("loaded checkpoint %d of %s instead of the requested %s (%d)", used, directory, step, wanted)
         else:
             _log.info("loaded checkpoint %d of %s (%s)", used, directory, step)
-    model = nnx.view(merge(model_def, state), use_running_average=True)
+    model = nnx.view(merge(model_def, state), use_running_average=True, raise_if_not_found=False)
     return (model, config, used) if with_step else (model, config)

@@ -34,7 +34,8 @@ class TrainState(NamedTuple):
 
 
 def _split(model: nnx.Module, *, train: bool) -> tuple[Any, ...]:
-    return nnx.split(nnx.view(model, use_running_average=not train), nnx.Param, ...)
+    # raise_if_not_found=False: models without BatchNorm (an MLP) have no use_running_average.
+    return nnx.split(nnx.view(model, use_running_average=not train, raise_if_not_found=False), nnx.Param, ...)
 
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[ModelDef, TrainState]:
