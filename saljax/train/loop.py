@@ -139,8 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
     loss = make_loss(config)
-    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh)
-    eval_step = make_eval_step(model_def, loss=loss, mesh=mesh)
+    # Losses that draw random numbers get fold_in(key(seed), step): resumes draw the same numbers.
+    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, key=jax.random.key(config.seed))
+    eval_step = make_eval_step(model_def, loss=loss, mesh=mesh, key=jax.random.key(config.seed))
 
     def new_iterator() -> Any:
         loader = data.make_loader(builder, ds.train_split, config.batch_size // jax.process_count(), seed=config.seed,
