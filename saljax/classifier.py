@@ -64,7 +64,7 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     def features(x):
         module = nnx.merge(graphdef, params, state, copy=True)
         feature_map = module.features(x)
-        new_state = nnx.split(module, nnx.Param, ...)[2]
+        new_state = nnx.state(module, nnx.Not(nnx.Param))
         return feature_map, new_state
 
     def head(feature_map):

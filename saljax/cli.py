@@ -42,7 +42,7 @@ class _DropNoise(logging.Filter):
 class _StderrHandler(logging.StreamHandler):
     """Writes to the current `sys.stderr` (which tests and notebooks may replace)."""
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override, unused-ignore]  # a property over StreamHandler's attribute
     def stream(self) -> Any:
         return sys.stderr
 
@@ -51,20 +51,33 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Formatter(logging.Formatter):
+    """Plain messages; warnings and errors start with their level ("warning: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
 def _setup_logging(verbosity: str) -> None:
     """One switch for the library's messages ("saljax" loggers) and absl-logging libraries (TFDS, Orbax)."""
     level = _LEVELS[verbosity]
-    saljax_logger = logging.getLogger("saljax")
-    saljax_logger.setLevel(level)
-    if not any(isinstance(h, _StderrHandler) for h in saljax_logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        saljax_logger.addHandler(handler)
+    logging.getLogger("saljax").setLevel(level)
     # absl's INFO chatter only with -v; its warnings otherwise.
     absl = logging.getLogger("absl")
     absl.setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
     if not any(isinstance(f, _DropNoise) for f in absl.filters):
         absl.addFilter(_DropNoise())
+    # absl calls logging.basicConfig() on its first message; replace that plain stderr handler (not
+    # the handlers of test frameworks, which subclass it) with one that prints messages plainly.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Formatter("%(message)s"))
+        root.addHandler(handler)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -83,10 +96,10 @@ def format_results(results: Mapping[str, float], best_metric: str = "") -> str:
         columns.append(("best/", f"best by {best_metric} (step {int(results['best/step'])})"))
     keys = sorted(k for k in results if "/" in k and not k.startswith(("best/", "final/")))
     width = max([len(k) for k in keys] + [6]) + 2
-    lines = ["  " + "metric".ljust(width) + "  ".join(title.ljust(len(title)) for _, title in columns)]
+    lines = ["  " + "metric".ljust(width) + "  ".join(title for _, title in columns)]
     for key in keys:
         cells = [f"{results.get(prefix + key, float('nan')):.4f}".ljust(len(title)) for prefix, title in columns]
-        lines.append("  " + key.ljust(width) + "  ".join(cells))
+        lines.append(("  " + key.ljust(width) + "  ".join(cells)).rstrip())
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import ml_collections
 
 from saljax.experiment import Suite, Target
 
-METHODS = ("clean", "ce", "gradmask", "rrr")
+METHODS = ("clean", "ce", "gradmask", "rrr", "rbr", "actdiff", "counterexamples", "sgt")
 
 # Penalty weights for the presets' losses (sum reductions, inputs in [0, 1]), chosen on validation
 # only: the smallest value of a grid of powers of ten whose validation `saliency_inside` (share of

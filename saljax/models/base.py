@@ -151,12 +151,7 @@ def in_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
     `model` itself is not changed. A model without BatchNorm (e.g. the MLP) has no mode and comes
     back as it is.
     """
-    try:
-        return nnx.view(model, use_running_average=not train)
-    except ValueError as err:
-        if "use_running_average" not in str(err):
-            raise
-        return model
+    return nnx.view(model, use_running_average=not train, raise_if_not_found=False)
 
 
 def require_cam_head(model: Any, method: str) -> None:

@@ -29,9 +29,20 @@ def _positive_int(config: ml_collections.ConfigDict, field: str, minimum: int = 
         raise ValueError(f"{field} must be an integer >= {minimum}; got {node!r}")
 
 
+def _model_names() -> tuple[str, ...]:
+    names = getattr(models, "model_names", None)  # registered models too, where models offers it
+    return tuple(names()) if callable(names) else tuple(models.MODEL_NAMES)
+
+
+def _create_takes_input_size() -> bool:
+    """Whether `models.create` itself takes `input_size` (and passes it to the models that use it)."""
+    return "input_size" in inspect.signature(models.create).parameters
+
+
 def model_arguments(name: str) -> frozenset[str] | None:
     """The keyword arguments model `name` takes (None when that cannot be told)."""
-    registry = getattr(models, "_REGISTRY", None)  # name -> class; models.create validates against it too
+    holder = getattr(models, "registry", models)  # name -> class, as models.create looks it up
+    registry = getattr(holder, "_REGISTRY", None)
     cls = registry.get(name) if isinstance(registry, dict) else None
     if cls is None:
         return None
@@ -61,8 +72,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     make_loss(config)
     make_optimizer(config.optimizer, num_steps=config.num_steps)
     m = config.model
-    if m.name not in models.MODEL_NAMES:
-        raise ValueError(f"model.name must be one of {' | '.join(models.MODEL_NAMES)}; got {m.name!r}")
+    if m.name not in _model_names():
+        raise ValueError(f"model.name must be one of {' | '.join(_model_names())}; got {m.name!r}")
     reserved = sorted(set(m.kwargs) & {"num_classes", "in_channels", "rngs", "dtype"})
     if reserved:
         raise ValueError(f"model.kwargs {reserved} are set by saljax (num_classes and in_channels from the dataset,"
@@ -127,9 +138,10 @@ def init_from_config(config: ml_collections.ConfigDict) -> tuple[ModelDef, Train
     if m.num_classes is None or m.in_channels is None:
         raise ValueError("config.model.num_classes and config.model.in_channels must be set")
     kwargs = dict(m.kwargs)
-    accepted = model_arguments(m.name) or frozenset()
     size = m.get("input_size")
-    if size is not None and "input_size" in accepted and "input_size" not in kwargs:
+    # A `models.create` that takes input_size passes it on only to the models that use it.
+    takes_size = _create_takes_input_size() or "input_size" in (model_arguments(m.name) or ())
+    if size is not None and "input_size" not in kwargs and takes_size:
         kwargs["input_size"] = tuple(size)
     model = models.create(m.name, num_classes=m.num_classes, in_channels=m.in_channels,
                           rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(m.dtype), **kwargs)

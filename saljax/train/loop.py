@@ -93,16 +93,16 @@ def _check_finite(step: int, out: Mapping[str, Any]) -> None:
                                  " checkpoint holds these values (try a lower learning rate or loss weight)")
 
 
-def _warn_if_config_changed(path: str, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
+def _warn_if_config_changed(path: str, config: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(os.path.join(path, workdir_lib.CONFIG_FILE)):
         return
     try:
         changed = workdir_lib.config_changes(workdir_lib.load_config(path), config)
     except workdir_lib.CheckpointError as error:
-        log(f"warning: {error}; overwriting it")
+        _log.warning("%s; overwriting it", error)
         return
     if changed:
-        log(f"warning: {path} was trained with another config; changed fields: {', '.join(changed)}")
+        _log.warning("%s was trained with another config; changed fields: %s", path, ", ".join(changed))
 
 
 def _format(results: Mapping[str, float]) -> str:
@@ -116,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     The config is checked (`check_config`) and the work directory tested for writing before any
     file is written or data built; the model fields that follow from the data are filled in
     (`fill_from_dataset`) and the config saved as `config.json`. `log` receives progress messages
-    (default: the "saljax.train" logger at INFO).
+    (default: the "saljax.train" logger at INFO); warnings go to that logger.
 
     Returns the last step's evaluation of every evaluation split, keyed `<split>/<metric>`, and
     `final/step`. With `config.checkpoint.best_metric`, also the evaluation of the best checkpoint
@@ -128,19 +128,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     ds = config.dataset
-    builder = data.build(ds.name, os.path.expanduser(ds.data_dir), ds.config or None,
-                         manual_dir=ds.manual_dir or None, **ds.overrides)
+    builder = data.from_config(ds)
     fill_from_dataset(config, builder.info.features, builder.info.splits)
     model_def, state = init_from_config(config)
     primary = jax.process_index() == 0
     if primary:
-        _warn_if_config_changed(path, config, log)
+        _warn_if_config_changed(path, config)
         workdir_lib.save_config(path, config)
 
     optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
     loss = make_loss(config)
-    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, seed=config.seed)
-    eval_step = make_eval_step(model_def, loss=loss, mesh=mesh)
+    # Losses that draw random numbers get fold_in(key(seed), step): resumes draw the same numbers.
+    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, key=jax.random.key(config.seed))
+    eval_step = make_eval_step(model_def, loss=loss, mesh=mesh, key=jax.random.key(config.seed))
 
     def new_iterator() -> Any:
         loader = data.make_loader(builder, ds.train_split, config.batch_size // jax.process_count(), seed=config.seed,
@@ -150,14 +150,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     iterator = new_iterator()
     ck = config.checkpoint
     checkpointer = checkpoint.Checkpointer(path, keep_best=ck.keep_best, keep_latest=ck.keep_latest,
-                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save, move_corrupt=True)
+                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save,
+                                           move_corrupt=True)
     start = 0
     if checkpointer.latest_step() is not None:
         try:
             start, state = checkpointer.restore(state, data_iterator=iterator)
             log(f"resumed from checkpoint {start} in {path}")
         except checkpoint.CheckpointError as error:
-            log(f"warning: {error}\nstarting from step 0")
+            _log.warning("%s; starting from step 0", error)
             iterator = new_iterator()
     template = state
     state = parallel.replicate(state, mesh)
@@ -224,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_eval = evaluate(state)
         results = {**last_eval, "final/step": float(final_step)}
         if ck.best_metric:
-            best = _best(checkpointer, template, mesh, final_step, last_eval, evaluate, log)
+            best = _best(checkpointer, template, mesh, final_step, last_eval, evaluate)
             if best is not None:
                 best_step, best_eval = best
                 results.update({f"best/{k}": v for k, v in best_eval.items()})
@@ -239,8 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _best(checkpointer: checkpoint.Checkpointer, template: TrainState, mesh: Mesh, final_step: int,
-          final_eval: dict[str, float], evaluate: Callable[[TrainState], dict[str, float]],
-          log: Callable[[str], None]) -> tuple[int, dict[str, float]] | None:
+          final_eval: dict[str, float],
+          evaluate: Callable[[TrainState], dict[str, float]]) -> tuple[int, dict[str, float]] | None:
     """(step, evaluation) of the best checkpoint; a corrupt one is moved aside and the next best used."""
     while (step := checkpointer.best_step()) is not None:
         if step == final_step:
@@ -248,8 +249,8 @@ def _best(checkpointer: checkpoint.Checkpointer, template: TrainState, mesh: Mes
         try:
             _, state = checkpointer.restore(template, step=step)
         except checkpoint.CheckpointError as error:
-            log(f"warning: {error}")
+            _log.warning("%s", error)
             continue
         return step, evaluate(parallel.replicate(state, mesh))
-    log(f"warning: no checkpoint carries {checkpointer.best_metric}; no best checkpoint to report")
+    _log.warning("no checkpoint carries %s; no best checkpoint to report", checkpointer.best_metric)
     return None

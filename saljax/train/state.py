@@ -36,6 +36,7 @@ class TrainState(NamedTuple):
 
 
 def _split(model: nnx.Module, *, train: bool) -> tuple[Any, ...]:
+    # raise_if_not_found=False: models without BatchNorm (an MLP) have no use_running_average.
     return nnx.split(models.in_mode(model, train=train), nnx.Param, ...)
 
 

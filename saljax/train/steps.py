@@ -11,6 +11,7 @@ makes one forward pass), the eval step in eval mode (running statistics).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -41,6 +42,18 @@ def _jit(fn: Callable, mesh: Mesh | None, *, jit: bool, state_in: bool = True, d
     return jax.jit(fn, **kwargs)
 
 
+def _key_kwargs(loss: Callable[..., Any], key: jax.Array | None, step: jax.Array | int) -> dict[str, jax.Array]:
+    """`{"key": fold_in(key, step)}` for a loss that takes a PRNG key (terms that draw random numbers)."""
+    try:
+        takes_key = "key" in inspect.signature(loss).parameters
+    except (TypeError, ValueError):  # no signature to read
+        takes_key = False
+    if not takes_key:
+        return {}
+    base = jax.random.key(0) if key is None else key
+    return {"key": jax.random.fold_in(base, step)}
+
+
 def make_train_step(
     model_def: ModelDef,
     loss: losses.Loss,
@@ -48,25 +61,23 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     jit: bool = True,
-    seed: int = 0,
+    key: jax.Array | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One optimisation step: `(state, batch) -> (new_state, metrics)`.
-
-    Terms and batch transforms that draw random numbers (SGT's noise, ActDiff's shuffle,
-    counterexamples) get the key `fold_in(key(seed), step)`: a function of the state, so a resumed
-    run draws exactly what an uninterrupted one would.
 
     `metrics` holds the total loss, each term's unweighted value (`loss/<name>`), the batch
     accuracy, the global norm of the gradient and `finite` (loss and gradient free of NaN/inf).
     With a `mesh`, the batch is split over its "data" axis and the state replicated: one program
-    for any number of devices and hosts (see `saljax.parallel`).
+    for any number of devices and hosts (see `saljax.parallel`). A loss that takes a PRNG `key`
+    gets `fold_in(key, state.step)` (default key: `jax.random.key(0)`), so a resumed run draws the
+    same numbers as an uninterrupted one.
     """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        key_kwargs = _key_kwargs(loss, key, state.step)
 
         def loss_of(params: Any) -> tuple[jax.Array, Any]:
-            return loss(classifier.from_nnx(model_def.train, params, state.model_state), batch, key=key)
+            return loss(classifier.from_nnx(model_def.train, params, state.model_state), batch, **key_kwargs)
 
         (value, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -87,7 +98,8 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_def: ModelDef, *, loss: losses.Loss | None = None, mesh: Mesh | None = None, jit: bool = True
+    model_def: ModelDef, *, loss: losses.Loss | None = None, mesh: Mesh | None = None, jit: bool = True,
+    key: jax.Array | None = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Per-sample evaluation outputs of a batch, in eval mode: `(state, batch) -> dict`.
 
@@ -95,7 +107,8 @@ def make_eval_step(
     maps, `saliency_inside`: the fraction of the input-gradient energy of the true-class logit that
     falls inside the map (`metrics.fraction_inside`), with `has_map` to select the samples. With a
     `loss`, each of its terms on the batch in eval mode (`loss/<name>`, the batch value repeated
-    per sample so that averaging weighs batches by size). Aggregate with `metrics.summarize`.
+    per sample so that averaging weighs batches by size; a loss that takes a PRNG key gets the
+    same `key` for every batch, default `jax.random.key(0)`). Aggregate with `metrics.summarize`.
     """
 
     def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
@@ -114,9 +127,8 @@ def make_eval_step(
             out["saliency_inside"] = metrics.fraction_inside(energy, jnp.asarray(batch[batch_lib.SALIENCY_MAP]))
             out["has_map"] = batch_lib.map_weights(batch) > 0
         if loss is not None:
-            # A fixed key: evaluation draws the same numbers at every step and on every run.
-            _, aux = loss(classifier.from_nnx(model_def.eval, state.params, state.model_state), batch,
-                          key=jax.random.key(0))
+            clf = classifier.from_nnx(model_def.eval, state.params, state.model_state)
+            _, aux = loss(clf, batch, **_key_kwargs(loss, key, 0))
             # CE is reported per sample above; penalties skip samples with has_map = 0 (padding).
             out.update({f"loss/{k}": jnp.full(labels.shape, v) for k, v in aux.terms.items() if k != "ce"})
         return out

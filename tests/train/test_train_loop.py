@@ -63,6 +63,7 @@ def _final_params(workdir):
     return jax.tree.map(np.asarray, nnx.state(model))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(data_dir, tmp_path):
     steps = ["num_steps=240", "eval_every=240", "log_every=40", "checkpoint.every=40"]
     reference = tmp_path / "uninterrupted"
