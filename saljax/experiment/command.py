@@ -34,7 +34,8 @@ def run(args, argv: Sequence[str]) -> int:
     config_path = find_config(args.suite)
     suite = load_suite(config_path)
     seeds = args.seeds if args.seeds is not None else (suite.quick_seeds if args.quick else 5)
-    methods = check_selection(suite, args.methods, seeds)  # before any directory or cache is touched
+    wanted = args.methods or (suite.quick_methods if args.quick else None)
+    methods = check_selection(suite, wanted, seeds)  # before any directory or cache is touched
     overrides = [*(suite.quick if args.quick else ()), *args.overrides]
     name = suite.name + ("-quick" if args.quick else "")
     workdir = os.path.abspath(args.workdir or os.path.join("runs", "experiments", name))

@@ -41,7 +41,8 @@ class Suite:
       methods: `get_config` arguments, one row each (e.g. "clean", "ce", "gradmask").
       splits: evaluation splits to tabulate, validation first.
       metrics: per-split metrics to tabulate (keys of `saljax.metrics.summarize`).
-      quick: overrides (`key=value`) for `--quick`, with `quick_seeds` seeds.
+      quick: overrides (`key=value`) for `--quick`, with `quick_seeds` seeds and the `quick_methods`
+        (empty: every method).
       targets: claims checked on the means.
       curve_metric: the evaluation metric of the training-curves figure.
       notes: Markdown paragraphs printed under the table (how hyperparameters were chosen, ...).
@@ -60,6 +61,7 @@ class Suite:
     metrics: tuple[str, ...] = ("accuracy", "saliency_inside")
     quick: tuple[str, ...] = ()
     quick_seeds: int = 2
+    quick_methods: tuple[str, ...] = ()
     targets: tuple[Target, ...] = ()
     curve_metric: str = "validation/accuracy"
     notes: str = ""
@@ -68,6 +70,9 @@ class Suite:
     published: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [m for m in self.quick_methods if m not in self.methods]
+        if unknown:
+            raise ValueError(f"Suite.quick_methods {unknown} are not among the suite's methods {list(self.methods)}")
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"Suite.checkpoint must be one of {CHECKPOINTS}; got {self.checkpoint!r}")
 
