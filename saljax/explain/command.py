@@ -101,6 +101,11 @@ def _dataset_settings(args: argparse.Namespace, train_config: Any) -> dict[str, 
     }
 
 
+def _checkpoint_kind(train_config: Any) -> str:
+    metric = _field(_field(train_config, "checkpoint"), "best_metric")
+    return f"the best by {metric}, or the newest readable one" if metric else "the newest readable one"
+
+
 def main(args: argparse.Namespace) -> int:
     """`saljax explain`: loads a checkpoint, explains a dataset split, writes the report.
 
@@ -115,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{prog}: checkpoint directory {args.checkpoint!r} does not exist", file=sys.stderr)
         return 2
     try:
-        model, train_config = train.load_model(args.checkpoint)
+        model, train_config, step = train.load_model(args.checkpoint, with_step=True)
     except (workdir_lib.CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"{prog}: cannot load a model from {args.checkpoint!r}: {err}", file=sys.stderr)
         return 2
@@ -148,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             group_names=dict(enumerate(group_names)) if group_names else None,
             progress=not args.no_progress,
+            source=f"{args.checkpoint}, step {step} ({_checkpoint_kind(train_config)})",
         )
     except ValueError as err:
         print(f"{prog}: {err}", file=sys.stderr)

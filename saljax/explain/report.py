@@ -183,8 +183,12 @@ def write_report(
     *,
     group_names: Mapping[int, str] | None = None,
     progress: bool = True,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Writes the report of `results` into `out_dir` (created if missing); nothing else is written.
+
+    `source` says where the model came from (e.g. the checkpoint directory and step); the report
+    and metrics.json repeat it.
 
     Files: `figures/<split>_<index>.png` (a grid per plotted image: image, human map, each map
     over the image with the human map's outline, the divergence map's top regions numbered),
@@ -222,7 +226,10 @@ def write_report(
             "predictor of `M`; *pointing game* = maximum of the map inside `M`; *IoU top-q* / *precision top-q* = "
             "IoU with `M` / fraction inside `M` of the top-q positive pixels. CAM-type maps are signed: "
             "energies use their positive part. Divergence map `D = CAM_t - CAM_f` (its mean is the logit margin "
-            "minus the bias difference): *top region overlap* = fraction of its highest-energy region inside `M`."
+            "minus the bias difference): *top region overlap* = fraction of its highest-energy region inside `M`. "
+            "The localisation family (attribution localisation, top-k intersection with k = the top-q share of "
+            "the pixels, relevance rank and mass accuracy, energy pointing game), saliency IoU of the top-|M| "
+            "pixels and XIL's wrong-reason score WR (%, on `1 - H`, lower is better) follow saljax's docs/methods.md."
         )
     else:
         metric_text = "No metrics against human maps: they were switched off (map_metrics=False)."
@@ -231,7 +238,8 @@ def write_report(
         f"# saljax explain: split `{results.split}`",
         "",
         f"Model: {info['class']} (num_classes={info['num_classes']}, head_type={info['head_type']!r}), "
-        f"images {info['image_shape']}. {n} images, {n_map} with a human map.",
+        f"images {info['image_shape']}. {n} images, {n_map} with a human map."
+        + (f" Checkpoint: {source}." if source else ""),
         "",
         "Settings: methods " + ", ".join(f"`{m}`" for m in results.methods)
         + f"; explained class: {cfg.target} ({cfg.score} score); gradient maps reduced over channels by "
@@ -356,13 +364,15 @@ def run(
     group_names: Mapping[int, str] | None = None,
     progress: bool = True,
     config: ExplainConfig | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Explains every image of `batches_or_loader` and writes the report into `out_dir`.
 
     `explain` followed by `write_report`. The keyword arguments fill an `ExplainConfig`; pass
     `config` instead to set every option (then `methods`, `batch_size`, `ig_steps`,
     `smoothgrad_samples`, `smoothgrad_stdevs`, `top_q`, `map_metrics` and `seed` are ignored).
-    `num_images_to_plot` images are plotted at each end of the ranking (see `explain`).
+    `num_images_to_plot` images are plotted at each end of the ranking (see `explain`). `source`
+    names the model's origin in the report (see `write_report`).
 
     Returns:
       {"split", "methods", "num_images", "num_with_map", "aggregate" (see `ExplainResults`),
@@ -393,7 +403,7 @@ def run(
         key=key,
         progress=progress,
     )
-    files = write_report(results, out_dir, group_names=group_names, progress=progress)
+    files = write_report(results, out_dir, group_names=group_names, progress=progress, source=source)
     return {
         "split": results.split,
         "methods": results.methods,
