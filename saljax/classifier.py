@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
+from saljax.models import decomposition
+
 Array = Any
 
 
@@ -36,6 +38,10 @@ class Classifier(NamedTuple):
     # loss (RBR) need them; None for `from_functions`.
     params: Any = None
     rebind: Callable[[Any], Classifier] | None = None
+    # `decompose(x, region) -> (beta, gamma)`: the contextual decomposition of the logits (B, K) into
+    # the part due to `region * x` and the part due to the rest (CDEP needs it); `beta + gamma` are
+    # the logits. It never updates state. None for `from_functions` and `from_linen`.
+    decompose: Callable[[Array, Array], tuple[Array, Array]] | None = None
 
     def feature_map(self, x: Array) -> Array:
         """`A` (B, h, w, C') for inputs x (B, H, W, C), dropping the state."""
@@ -59,6 +65,11 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     as the new `state` (same structure as `state`) instead of being written into a shared object:
     the forward pass may run inside `jax.vjp` nested in `jax.grad` without a TraceContextError, and
     the statistics change exactly once per loss evaluation.
+
+    `decompose` is `saljax.models.decompose(module, x, region)` on another fresh copy: in train mode
+    its BatchNorm layers normalise with the batch statistics of the ordinary activation (differentiated
+    like the forward pass), in eval mode with the running ones, and it never updates the running
+    statistics (its copy is discarded). A module without a decomposition raises when it is called.
     """
 
     def features(x):
@@ -70,8 +81,11 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     def head(feature_map):
         return nnx.merge(graphdef, params, state, copy=True).head(feature_map)
 
+    def decompose(x, region):
+        return decomposition.decompose(nnx.merge(graphdef, params, state, copy=True), x, region)
+
     return Classifier(features=features, head=head, params=params,
-                      rebind=lambda new_params: from_nnx(graphdef, new_params, state))
+                      rebind=lambda new_params: from_nnx(graphdef, new_params, state), decompose=decompose)
 
 
 def from_linen(

@@ -5,8 +5,9 @@ Modules and the interpreter each one runs in:
            importable from both interpreters, the one place where layouts are converted
   models   torch SimpleCNN, ResNet18, ResNet50 (torch interpreter)
   losses   torch CE, GradMask, RRR, CYBORG, Divisive Decisions, presets (torch interpreter);
-           xil_losses the comparison methods (RBR, RRR-G, HINT, ActDiff, SGT, counterexamples),
-           _loss_base their shared forward pass, Term, Loss and combine
+           xil_losses the comparison methods (RBR, RRR-G, HINT, ActDiff, SGT, counterexamples, CDEP),
+           _loss_base their shared forward pass, Term, Loss and combine;
+           decomposition the contextual decomposition CDEP needs (SimpleCNN, XILCNN, MLP)
   run      `python -m baselines.torch.run IN.npz OUT.npz`: evaluates loss cases (torch interpreter)
   bridge   runs `run` from the saljax interpreter through $SALJAX_TORCH_PYTHON and compares results
 

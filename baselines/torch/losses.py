@@ -62,6 +62,7 @@ from baselines.torch._loss_base import (
 )
 from baselines.torch.xil_losses import (
     actdiff,
+    cdep,
     counterexamples,
     hint,
     mask_outside,
@@ -74,7 +75,7 @@ from baselines.torch.xil_losses import (
 
 __all__ = [
     "Forward", "Term", "Loss", "combine", "cross_entropy", "gradmask", "rrr", "cyborg",
-    "dd_difference", "dd_paired", "dd_divergence", "rbr", "rrr_g", "hint", "actdiff", "sgt", "transformed_ce",
+    "dd_difference", "dd_paired", "dd_divergence", "rbr", "rrr_g", "hint", "actdiff", "sgt", "transformed_ce", "cdep",
     "shuffle_outside", "mask_outside", "counterexamples", "for_method", "METHODS", "PRESETS",
     "contrast_score", "nonhealthy_score", "sum_log_softmax_score", "minmax_normalize",
 ]
@@ -241,7 +242,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = _TABLE.PRESETS
 _TERMS: Mapping[str, Callable[..., Term]] = {
     "gradmask": gradmask, "rrr": rrr, "rbr": rbr, "cyborg": cyborg, "dd_difference": dd_difference,
     "dd_paired": dd_paired, "dd_divergence": dd_divergence, "rrr_g": rrr_g, "hint": hint, "actdiff": actdiff,
-    "sgt": sgt, "transformed_ce": transformed_ce,
+    "sgt": sgt, "transformed_ce": transformed_ce, "cdep": cdep,
 }
 _TRANSFORMS: Mapping[str, Callable[..., Batch]] = {
     "counterexamples": counterexamples, "mask_outside": mask_outside, "shuffle_outside": shuffle_outside,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from baselines.torch import decomposition
 from baselines.torch._loss_base import (
     Batch,
     Forward,
@@ -27,7 +28,7 @@ from baselines.torch._loss_base import (
     sum_log_softmax_score,
 )
 
-__all__ = ["rbr", "rrr_g", "hint", "actdiff", "sgt", "transformed_ce", "shuffle_outside", "mask_outside",
+__all__ = ["cdep", "rbr", "rrr_g", "hint", "actdiff", "sgt", "transformed_ce", "shuffle_outside", "mask_outside",
            "counterexamples"]
 
 
@@ -198,3 +199,27 @@ def transformed_ce(transform: Callable[..., Batch] = counterexamples, weight: fl
         return _ce_per_sample(logits_t, changed["label"]).mean()
 
     return Term(name, fn, weight, eager_only=True)
+
+
+# --- CDEP (XIL's form) ----------------------------------------------------------------------------------------
+
+
+def cdep(lam: float = 1.0, *, name: str = "cdep") -> Term:
+    """CDEP (Rieger et al. 2020), XIL's form: `mean_{n: m_n = 1} mean_c softmax([beta_nc, gamma_nc])[0]`.
+
+    `(beta, gamma)` the contextual decomposition of the logits (`baselines.torch.decomposition`) with
+    the region `A = 1 - H`; the authors' `softmax(stack((rel, irrel)))[:, 0]` is `sigmoid(beta - gamma)`.
+    The decomposition reads the model's parameters directly: eager route only.
+    """
+
+    def fn(fwd: Forward, batch: Batch) -> torch.Tensor:
+        if fwd.model is None or fwd.images is None:
+            raise RuntimeError("cdep needs the model and the images of the forward pass (eager route)")
+        region = 1.0 - _maps(batch, fwd.images)
+        beta, gamma = decomposition.decompose(fwd.model, fwd.images, region)
+        dtype = torch.promote_types(beta.dtype, torch.float32)
+        share = torch.softmax(torch.stack((beta.to(dtype), gamma.to(dtype)), dim=-1), dim=-1)[..., 0]
+        per = share.mean(dim=1)
+        return _masked_mean(per, _weights(batch, per))
+
+    return Term(name, fn, lam, eager_only=True)

@@ -23,6 +23,7 @@ Terms:
 - `actdiff`                 Viviano et al. 2021: activations of x and of x with the outside shuffled.
 - `sgt`                     Ismail et al. 2021: KL between x and x with its least salient features noised.
 - `transformed_ce`          CE on a transformed copy (counterexamples, Teso and Kersting 2019).
+- `cdep`                    Rieger et al. 2020 (XIL's form): share of the logits the region off the map explains.
 Batch transforms `(batch, key) -> batch` live in `saljax.losses.transforms`.
 `for_method(name, ...)` returns the full loss each paper trains with (defaults: `PRESETS`).
 """
@@ -30,6 +31,7 @@ Batch transforms `(batch, key) -> batch` live in `saljax.losses.transforms`.
 from saljax.losses import transforms
 from saljax.losses.base import Forward, Loss, LossAux, Term, combine, cross_entropy, term_key
 from saljax.losses.cam import cyborg, dd_difference, dd_divergence, dd_paired
+from saljax.losses.cdep import cdep
 from saljax.losses.gradcam import hint, rrr_g
 from saljax.losses.gradient import gradmask, rbr, rrr
 from saljax.losses.presets import METHODS, PRESETS, for_method
@@ -56,6 +58,7 @@ __all__ = [
     "actdiff",
     "sgt",
     "transformed_ce",
+    "cdep",
     "transforms",
     "counterexamples",
     "mask_outside",

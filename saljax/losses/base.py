@@ -120,6 +120,7 @@ class Term:
     needs_key: bool = False  # draws random numbers: the loss must be called with key=...
     needs_params: bool = False  # differentiates with respect to the parameters inside the loss
     needs_feature_map: bool = False  # reads a conv feature map (B, h, w, C')
+    needs_decomposition: bool = False  # reads `classifier.decompose` (contextual decomposition)
 
     def scaled(self, weight: float) -> Term:
         return dataclasses.replace(self, weight=weight)
@@ -141,6 +142,10 @@ def _check_needs(terms: tuple[Term, ...], classifier: Classifier, batch: Batch, 
             raise ValueError(
                 f"the loss term {term.name!r} differentiates with respect to the parameters inside the loss: build the"
                 " classifier with classifier.from_nnx or from_linen (from_functions has no parameters)")
+        if term.needs_decomposition and getattr(classifier, "decompose", None) is None:
+            raise ValueError(
+                f"the loss term {term.name!r} needs the contextual decomposition of the classifier: build it with"
+                " classifier.from_nnx from a saljax.models model (from_functions and from_linen have none)")
         if term.needs_map and not term.cam_maps:
             batch_lib.check_batch(batch, needs_map=True, map_sizes=[image_size])
         elif term.needs_map:

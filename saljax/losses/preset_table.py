@@ -37,6 +37,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rbr": {"term": "rbr", "lam": 1.0},
     # Saliency-guided training (Ismail et al. 2021): CE + 1 * KL.
     "sgt": {"term": "sgt", "lam": 1.0},
+    # CDEP (Rieger et al. 2020), XIL's form: CE + lam * mean share of the logits explained by the region off
+    # the map. XIL's rate on DecoyMNIST is 1e6, with raw 0..255 inputs and sum reductions; it does not carry
+    # over to saljax's inputs in [0, 1]: the share is a sigmoid of beta - gamma, which grow with the input
+    # scale (about 255x for a bias-free ReLU network), so there it saturates and needs a huge rate. Choose
+    # lam so that the term is about CE at initialisation.
+    "cdep": {"term": "cdep", "lam": 1.0},
     # Counterexamples (Teso and Kersting 2019): mean CE over the batch and its counterexamples.
     "counterexamples": {"term": "transformed_ce", "alpha": 0.5, "transform": "counterexamples", "transform_of": "term"},
     # ActDiff's baselines: train on masked images, train on shuffled images (CE only).

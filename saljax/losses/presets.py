@@ -8,6 +8,7 @@ from typing import Any
 
 from saljax.losses import cam, gradcam, gradient, preset_table, second_pass, transforms
 from saljax.losses.base import Loss, combine, cross_entropy
+from saljax.losses.cdep import cdep
 
 __all__ = ["for_method", "METHODS", "PRESETS"]
 
@@ -26,6 +27,7 @@ _TERMS: Mapping[str, Callable[..., Any]] = {
     "actdiff": second_pass.actdiff,
     "sgt": second_pass.sgt,
     "transformed_ce": second_pass.transformed_ce,
+    "cdep": cdep,
 }
 _TRANSFORMS: Mapping[str, Callable[..., Any]] = {
     "counterexamples": transforms.counterexamples,
@@ -38,7 +40,7 @@ def for_method(method: str, **options: Any) -> Loss:
     """The full loss a method trains with, e.g. `for_method("cyborg", alpha=0.5)`.
 
     Defaults come from `PRESETS` (the papers'). Methods weighted by `lam` (gradmask*, rrr, rbr,
-    rrr_g, hint, actdiff, sgt) give `CE + lam * term` and take `lam` and the term's options; the
+    rrr_g, hint, actdiff, sgt, cdep) give `CE + lam * term` and take `lam` and the term's options; the
     CAM methods and counterexamples take `alpha` (CE weight; the term gets 1 - alpha);
     counterexamples, masked_images and shuffled_images take their transform's options
     (`threshold`, `value_range`). Methods that draw random numbers (actdiff, sgt, counterexamples,

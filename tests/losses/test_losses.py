@@ -321,6 +321,8 @@ def test_for_method_builds_every_method():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
     for method in losses.METHODS:
+        if method == "cdep":  # needs an nnx model's contextual decomposition: built in test_cdep.py
+            continue
         loss = losses.for_method(method)
         value, _ = jax.jit(lambda p, loss=loss: loss(bound_classifier(p), batch, key=jax.random.key(2)))(params)
         assert np.isfinite(value), method

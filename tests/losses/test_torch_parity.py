@@ -69,6 +69,12 @@ MODELS = {
                  "kwargs": {"num_classes": 2, "in_channels": 3, "width": 4, "stem": "imagenet",
                             "activation": "softplus"},
                  "image": (4, 33, 33, 3)},
+    # XIL's DecoyMNIST CNN (VALID convs, ReLU, 2x2 max-pools, MLP head) and RRR's MLP: for CDEP.
+    "xil": {"name": "xil_cnn", "kwargs": {"num_classes": 3, "in_channels": 1, "input_size": [16, 14],
+                                          "channels": [3, 4], "kernel_size": 3, "mlp_hidden": 6},
+            "image": (4, 16, 14, 1)},
+    "mlp": {"name": "mlp", "kwargs": {"num_classes": 3, "in_channels": 2, "input_size": [6, 5],
+                                      "hidden_sizes": [7, 4], "activation": "softplus"}, "image": (4, 6, 5, 2)},
 }
 
 # Both PyTorch routes: "eager" (autograd with create_graph=True, as the authors) and "func"
@@ -103,7 +109,7 @@ DRAWS = {
     "counterexamples": [("ce_transformed", "image")],
     "shuffled_images": [("transform", "pixels")],
 }
-EAGER_ONLY = {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images", "rrr_g", "hint", "rbr"}
+EAGER_ONLY = {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images", "rrr_g", "hint", "rbr", "cdep"}
 KEY = 0  # jax.random.key(KEY) is every loss's key
 
 CASES = [
@@ -150,6 +156,14 @@ CASES = [
     Case("resnet18", "resnet18", "dd_divergence", {}),
     Case("resnet50", "resnet50", "rrr", {}, ("float64",)),
     Case("resnet50", "resnet50", "cyborg_pred", {}),
+    # CDEP's contextual decomposition through every layer rule: conv + train-mode BatchNorm + ReLU
+    # and the GAP head (SimpleCNN, above), softplus and the MLP head (cnn_mlp), VALID convs and
+    # max-pools (xil), dense layers only (mlp). cnn_mlp in float64 only: there saljax's own float32
+    # gradients differ from its float64 ones by ~1e-3 (the bias split |W beta| / (|W beta| + |W gamma|)
+    # is ill-conditioned where both parts are small), which no float32 comparison could resolve.
+    Case("cnn_mlp", "cnn_mlp", "cdep", {"lam": 2.0}, ("float64",), routes=EAGER),
+    Case("xil", "xil", "cdep", {}, routes=EAGER),
+    Case("mlp", "mlp", "cdep", {}, routes=EAGER),
 ]
 assert len({c.name for c in CASES}) == len(CASES)
 # (case id, case, dtype) for every comparison.

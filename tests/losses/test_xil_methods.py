@@ -353,7 +353,7 @@ def test_errors_before_tracing():
     with pytest.raises(ValueError, match="weights must be one of"):
         losses.rrr_g(weights="detached")
     with pytest.raises(ValueError, match="method must be one of"):
-        losses.for_method("cdep")
+        losses.for_method("gain")
 
 
 def test_rbr_with_a_linen_classifier():
