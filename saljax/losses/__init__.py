@@ -26,6 +26,7 @@ Terms:
 - `cdep`                    Rieger et al. 2020 (XIL's form): share of the logits the region off the map explains.
 Batch transforms `(batch, key) -> batch` live in `saljax.losses.transforms`.
 `for_method(name, ...)` returns the full loss each paper trains with (defaults: `PRESETS`).
+The conventions of every term, with the papers: docs/methods.md in the source tree.
 """
 
 from saljax.losses import transforms
