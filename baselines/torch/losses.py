@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from baselines.torch import xil_losses
 from baselines.torch._loss_base import (
     Batch,
     Forward,
@@ -239,10 +240,10 @@ def _load_table() -> Any:
 _TABLE = _load_table()
 PRESETS: Mapping[str, Mapping[str, Any]] = _TABLE.PRESETS
 
+# The mirror of every term the table names, by name: defined in this module or in xil_losses.
 _TERMS: Mapping[str, Callable[..., Term]] = {
-    "gradmask": gradmask, "rrr": rrr, "rbr": rbr, "cyborg": cyborg, "dd_difference": dd_difference,
-    "dd_paired": dd_paired, "dd_divergence": dd_divergence, "rrr_g": rrr_g, "hint": hint, "actdiff": actdiff,
-    "sgt": sgt, "transformed_ce": transformed_ce, "cdep": cdep,
+    row["term"]: getattr(xil_losses, row["term"], None) or globals()[row["term"]]
+    for row in PRESETS.values() if row["term"] is not None
 }
 _TRANSFORMS: Mapping[str, Callable[..., Batch]] = {
     "counterexamples": counterexamples, "mask_outside": mask_outside, "shuffle_outside": shuffle_outside,

@@ -32,7 +32,7 @@ The conventions of every term, with the papers: docs/methods.md in the source tr
 from saljax.losses import transforms
 from saljax.losses.base import Forward, Loss, LossAux, Term, combine, cross_entropy, term_key
 from saljax.losses.cam import cyborg, dd_difference, dd_divergence, dd_paired
-from saljax.losses.cdep import cdep
+from saljax.losses.contextual import cdep
 from saljax.losses.gradcam import hint, rrr_g
 from saljax.losses.gradient import gradmask, rbr, rrr
 from saljax.losses.presets import METHODS, PRESETS, for_method

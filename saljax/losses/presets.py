@@ -6,28 +6,20 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from saljax.losses import cam, gradcam, gradient, preset_table, second_pass, transforms
+from saljax.losses import cam, contextual, gradcam, gradient, preset_table, second_pass, transforms
 from saljax.losses.base import Loss, combine, cross_entropy
-from saljax.losses.cdep import cdep
 
 __all__ = ["for_method", "METHODS", "PRESETS"]
 
 PRESETS = preset_table.PRESETS
 
+# Every public term constructor of the family modules, by name: a new term needs only its module's
+# `__all__` and a row of the preset table.
 _TERMS: Mapping[str, Callable[..., Any]] = {
-    "gradmask": gradient.gradmask,
-    "rrr": gradient.rrr,
-    "rbr": gradient.rbr,
-    "cyborg": cam.cyborg,
-    "dd_difference": cam.dd_difference,
-    "dd_paired": cam.dd_paired,
-    "dd_divergence": cam.dd_divergence,
-    "rrr_g": gradcam.rrr_g,
-    "hint": gradcam.hint,
-    "actdiff": second_pass.actdiff,
-    "sgt": second_pass.sgt,
-    "transformed_ce": second_pass.transformed_ce,
-    "cdep": cdep,
+    name: getattr(module, name)
+    for module in (gradient, cam, gradcam, second_pass, contextual)
+    for name in module.__all__
+    if callable(getattr(module, name))
 }
 _TRANSFORMS: Mapping[str, Callable[..., Any]] = {
     "counterexamples": transforms.counterexamples,

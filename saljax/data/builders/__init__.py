@@ -1,8 +1,11 @@
 """The saljax TFDS builders, one module each; importing this package registers them all.
 
-This is the one list of builder modules: a new dataset is a new module here that decorates its
-builder class with ``saljax.data.registry.register``.
+The folder is the list: every public module here is imported, so a new dataset is a new module
+that decorates its builder class with ``saljax.data.registry.register``.
 """
+
+import importlib
+import pkgutil
 
 from saljax.data.builders._base import StaleDatasetError
 from saljax.data.builders.decoy_digits import DecoyDigits, DecoyDigitsConfig
@@ -29,3 +32,7 @@ __all__ = [
     "SyntheticDistractor",
     "SyntheticDistractorConfig",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
