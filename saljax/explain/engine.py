@@ -199,3 +199,28 @@ def explain_batch(
     key = jax.random.key(config.seed) if key is None else key
     out = fn(jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32), key)
     return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+def supports_decomposition(model: nnx.Module) -> bool:
+    """Whether every layer of `model` declares its contextual decomposition (CDEP's rules)."""
+    return hasattr(model, "decompose_features") and hasattr(model, "decompose_head")
+
+
+def make_cd_share_fn(model: nnx.Module, target: str = "true") -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`f(images, labels, maps) -> (B,)`: the share of the explained class's logit due to `1 - H`.
+
+    With the contextual decomposition `z = beta + gamma` of the logits, `beta` due to the region that
+    must not matter (`(1 - H) * x`), the share is `exp(beta_c) / (exp(beta_c) + exp(gamma_c))` for the
+    true (`target="true"`) or predicted class: CDEP's penalty per image, as a post-hoc measure.
+    """
+    graphdef, state = nnx.split(models.in_mode(model, train=False))
+
+    @jax.jit
+    def share(state: Any, images: jax.Array, labels: jax.Array, maps: jax.Array) -> jax.Array:
+        net = nnx.merge(graphdef, state)
+        beta, gamma = models.decompose(net, images, (1.0 - maps)[..., None])
+        logits = beta + gamma
+        index = labels if target == "true" else jnp.argmax(logits, axis=-1)
+        return jax.nn.sigmoid(saliency.select_class((beta - gamma)[:, None, None, :], index)[:, 0, 0])
+
+    return lambda images, labels, maps: share(state, images, labels, maps)

@@ -233,6 +233,7 @@ def write_report(
         )
     else:
         metric_text = "No metrics against human maps: they were switched off (map_metrics=False)."
+    cd = "cd_share" in per_image
     group_label = (lambda g: f"{g} ({group_names[g]})" if group_names and g in group_names else str(g))
     lines = [
         f"# saljax explain: split `{results.split}`",
@@ -254,8 +255,8 @@ def write_report(
         "",
         f"## Model on split `{results.split}`",
         "",
-        "| group | images | accuracy | margin z_t - z_other |",
-        "|---|---|---|---|",
+        "| group | images | accuracy | margin z_t - z_other |" + (" CD share of 1 - H |" if cd else ""),
+        "|---|---|---|---|" + ("---|" if cd else ""),
     ]
     agg = results.aggregate
     for g, table in [("all", agg["split"]), *agg["groups"].items()]:
@@ -263,7 +264,11 @@ def write_report(
         lines.append(
             f"| {g if g == 'all' else group_label(g)} | {model_row['correct']['count']} | "
             f"{format_stats(model_row['correct'])} | {format_stats(model_row['margin'])} |"
+            + (f" {format_stats(model_row['cd_share'])} |" if cd else "")
         )
+    if cd:
+        lines += ["", "CD share: the share `exp(beta) / (exp(beta) + exp(gamma))` of the explained class's logit that "
+                  "the region outside the human map explains, by contextual decomposition (CDEP's measure)."]
     if names:
         lines += ["", f"## Agreement with the human maps: split `{results.split}`", ""]
         lines += _metric_table(agg["split"], results.methods, names)

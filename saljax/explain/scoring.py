@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from saljax import metrics
 from saljax.explain.batches import as_numpy_batch, num_examples, rebatch
-from saljax.explain.engine import make_explain_fn, model_attr, resolve_methods
+from saljax.explain.engine import make_cd_share_fn, make_explain_fn, model_attr, resolve_methods, supports_decomposition
 from saljax.explain.settings import (
     MAP_METRICS,
     REGION_METRICS,
@@ -134,6 +134,8 @@ def _aggregate(per_image: Mapping[str, np.ndarray], methods: Sequence[str]) -> d
                 "margin": metrics.aggregate(per_image["margin"][select]),
             }
         }
+        if "cd_share" in per_image:
+            out["model"]["cd_share"] = metrics.aggregate(per_image["cd_share"][select])
         for method in methods:
             keys = [k for k in per_image if k.startswith(method + "/")]
             if keys:
@@ -214,9 +216,10 @@ def explain(
     image_shape = None
     offset = 0
     wrong_reason = {m: _WrongReason() for m in methods} if config.map_metrics else {}
+    cd_share = make_cd_share_fn(model, config.target) if config.map_metrics and supports_decomposition(model) else None
 
     def finish(chunk: dict[str, np.ndarray], valid: int, out: dict[str, Any]) -> None:
-        nonlocal offset
+        nonlocal offset, cd_share
         out = jax.tree.map(lambda a: np.asarray(a)[:valid], jax.device_get(out))
         chunk = {k: v[:valid] for k, v in chunk.items()}
         logits, labels = out["logits"], chunk["label"]
@@ -231,6 +234,13 @@ def explain(
             "has_map": chunk["has_map"],
         }
         smap, has_map = chunk["saliency_map"], chunk["has_map"]
+        if cd_share is not None:
+            try:
+                shares = cd_share(jnp.asarray(chunk["image"]), jnp.asarray(labels), jnp.asarray(smap))
+            except ValueError:  # a layer without decomposition rules: the model has no CD share
+                cd_share = None
+            else:
+                cols["cd_share"] = np.where(has_map, np.asarray(shares, np.float64), np.nan)
         for method in methods:
             if config.map_metrics:
                 for name, value in _map_metrics(out["maps"][method], smap, has_map, config).items():

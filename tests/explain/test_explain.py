@@ -505,3 +505,20 @@ def test_new_localisation_columns_agree_with_the_metric_functions(report, model)
                      ("attribution_localisation", metrics.attribution_localisation)):
         expected = np.where(has_map, np.asarray(fn(maps, smap), np.float64), np.nan)
         np.testing.assert_allclose(per_image[f"gradient/{name}"], expected, rtol=1e-5, equal_nan=True)
+
+
+def test_cd_share_is_cdeps_share_of_the_true_class_logit(report, model):
+    """The CD share column: sigmoid(beta - gamma) of the true class, with beta due to (1 - H) * x."""
+    summary, _ = report
+    batches = make_batches()
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    smap = np.concatenate([b["saliency_map"] for b in batches])
+    view = nnx.view(model, use_running_average=True)
+    beta, gamma = models.decompose(view, jnp.asarray(images), jnp.asarray(1.0 - smap)[..., None])
+    np.testing.assert_allclose(beta + gamma, view(jnp.asarray(images)), rtol=1e-4, atol=1e-5)
+    expected = jax.nn.sigmoid(np.take_along_axis(np.asarray(beta - gamma), labels[:, None], 1)[:, 0])
+    has_map = summary["per_image"]["has_map"]
+    np.testing.assert_allclose(summary["per_image"]["cd_share"], np.where(has_map, expected, np.nan), rtol=1e-5,
+                               equal_nan=True)
+    assert "CD share of 1 - H" in open(summary["files"]["report"], encoding="utf-8").read()
