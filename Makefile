@@ -32,10 +32,10 @@ demo: install
 
 # Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones.
 test: install torch-env
-	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto
+	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 test-fast: install torch-env
-	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto -m "not slow"
+	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto --dist loadgroup -m "not slow"
 
 # ruff and mypy, configured in pyproject.toml.
 lint: install

@@ -120,6 +120,11 @@ def _suite(name):
     return experiment.load_suite(experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{name}.py")))
 
 
+@pytest.fixture(scope="session")
+def cli_compilation_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp().parent / "saljax-cli-jax-cache")
+
+
 # One case per method of every suite, so the cases spread over the test workers; the first
 # method of each suite also draws the figures.
 CLI_CASES = [(name, method) for name in TINY for method in _suite(name).methods]
@@ -127,7 +132,7 @@ CLI_CASES = [(name, method) for name in TINY for method in _suite(name).methods]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite,method", CLI_CASES)
-def test_every_method_runs_through_the_cli(suite, method, tmp_path):
+def test_every_method_runs_through_the_cli(suite, method, tmp_path, cli_compilation_cache):
     exe = shutil.which("saljax", path=os.path.dirname(sys.executable))
     command = [exe] if exe else [sys.executable, "-m", "saljax.cli"]
     out = tmp_path / "out"
@@ -136,7 +141,8 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path):
                 "--out", str(out), *([] if figures else ["--no-figures"]),
                 f"dataset.data_dir={str(tmp_path / 'data')!r}", "num_steps=3", "eval_every=3", "log_every=1",
                 "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # One compilation cache for every case: the suites' methods share their eval and explain programs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cli_compilation_cache)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = _check_page(str(out / f"{suite}.md"), min_seeds=1)

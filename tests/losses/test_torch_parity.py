@@ -48,6 +48,9 @@ from flax import nnx
 from baselines.torch import bridge, layout
 from saljax import classifier, losses
 
+# One worker computes every case (the PyTorch side runs once, in one subprocess): `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("torch_parity")
+
 DTYPES = ("float64", "float32")
 RTOL = {"float64": 1e-5, "float32": 1e-4}
 FLOOR = {"float64": 1e-6, "float32": 1e-3}
