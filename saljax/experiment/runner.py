@@ -48,6 +48,14 @@ def run_dir(workdir: str, method: str, seed: int) -> str:
     return os.path.join(workdir, "runs", method, f"seed{seed}")
 
 
+def _write_result(path: str, result: Mapping[str, Any]) -> None:
+    # Written beside and renamed: an interrupted write never leaves a half result that looks finished.
+    tmp = os.path.join(path, RESULT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(path, RESULT_FILE))
+
+
 def _read_result(path: str) -> dict[str, Any] | None:
     file = os.path.join(path, RESULT_FILE)
     if not os.path.isfile(file):
@@ -83,6 +91,11 @@ def run_suite(
             path = run_dir(workdir, method, seed)
             previous = _read_result(path)
             if previous is not None and not workdir_lib.config_changes(previous["config"], cfg):
+                missing = [c for split in suite.splits for c in suite.map_metrics
+                           if suite.key(f"{split}/{c}") not in previous["metrics"]]
+                if missing:  # a map metric added to the suite since: explain the trained run, train nothing
+                    previous["metrics"] |= explain_run(suite, path, suite.splits)
+                    _write_result(path, previous)
                 results[method].append(previous)
                 log(f"[{done}/{total}] {method} seed {seed}: done earlier")
                 continue
@@ -92,8 +105,7 @@ def run_suite(
             metrics |= explain_run(suite, path, suite.splits)
             result = {"seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - start,
                       "config": json.loads(cfg.to_json())}
-            with open(os.path.join(path, RESULT_FILE), "w") as f:
-                json.dump(result, f, indent=1)
+            _write_result(path, result)
             results[method].append(result)
             shown = ", ".join(f"{k} {metrics[suite.key(k)]:.3f}" for k in _headline(suite) if suite.key(k) in metrics)
             log(f"[{done}/{total}] {method} seed {seed}: {result['wall_s']:.0f} s, {shown}")
