@@ -16,7 +16,7 @@ from saljax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-SUITES = ("decoy_digits", "synthetic_distractor", "spurious_binary")
+SUITES = ("decoy_digits", "synthetic_distractor", "spurious_binary", "decoy_mnist", "red_herring_cpu")
 
 
 def test_summarize_mean_std_and_t_interval():
