@@ -99,6 +99,9 @@ def validate_batch(batch: Batch, num_classes: int | None = None) -> None:
     are not visible, so the losses themselves check shapes only.
     """
     check_batch(batch)
+    if _shape(batch, IMAGE)[0] == 0:
+        raise ValueError("invalid batch: it holds no samples (batch['image'] has shape "
+                         f"{_shape(batch, IMAGE)}); a batch needs at least one image")
     problems = []
     image = np.asarray(batch[IMAGE])
     if not np.issubdtype(image.dtype, np.floating) and not np.issubdtype(image.dtype, np.integer):
@@ -107,7 +110,11 @@ def validate_batch(batch: Batch, num_classes: int | None = None) -> None:
         bad = np.unique(np.nonzero(~np.isfinite(image))[0]).tolist()
         problems.append(f"batch['image'] holds NaN or inf values (samples {bad})")
     label = np.asarray(batch[LABEL])
-    if num_classes is not None:
+    if num_classes is None:  # without the class count, negative labels are still wrong
+        bad = np.nonzero(label < 0)[0].tolist()
+        if bad:
+            problems.append(f"batch['label'] must be >= 0; samples {bad} have labels {label[bad].tolist()}")
+    else:
         bad = np.nonzero((label < 0) | (label >= num_classes))[0].tolist()
         if bad:
             problems.append(

@@ -394,3 +394,12 @@ def test_validate_batch_names_the_bad_values(change, message):
     batch_lib.validate_batch(batch, num_classes=2)  # the unchanged batch is fine
     with pytest.raises(ValueError, match=message):
         batch_lib.validate_batch(_bad(batch, **change), num_classes=2)
+
+
+def test_validate_batch_refuses_an_empty_batch_and_negative_labels_without_num_classes():
+    empty = {"image": np.zeros((0, 4, 4, 1), np.float32), "label": np.zeros((0,), np.int32)}
+    with pytest.raises(ValueError, match=r"it holds no samples"):
+        batch_lib.validate_batch(empty)
+    batch = {"image": np.zeros((2, 4, 4, 1), np.float32), "label": np.array([0, -1])}
+    with pytest.raises(ValueError, match=r"batch\['label'\] must be >= 0; samples \[1\] have labels \[-1\]"):
+        batch_lib.validate_batch(batch)
