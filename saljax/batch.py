@@ -22,12 +22,12 @@ Two kinds of checks, for two moments:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = Any
+Array = jax.Array
 Batch = Mapping[str, Array]
 
 IMAGE = "image"

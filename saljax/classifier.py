@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 from flax import nnx
 
 from saljax.models import decomposition
 
-Array = Any
+Array = jax.Array
 
 
 class Classifier(NamedTuple):

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-Array = Any
+Array = jax.Array
 DATA_AXIS = "data"
 
 

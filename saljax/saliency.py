@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = Any
+Array = jax.Array
 Score = Callable[[Array], Array]
 Target = Array | int | Score
 

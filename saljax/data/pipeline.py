@@ -159,7 +159,7 @@ def _channel_stats(value: float | Sequence[float] | None, name: str) -> np.ndarr
 
 def _ensure_absl_flags_parsed() -> None:
     """grain reads absl flags; mark them parsed so programs not run by absl.app work too."""
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import flags  # only for worker processes, which grain starts under absl
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

