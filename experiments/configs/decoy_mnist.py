@@ -72,9 +72,9 @@ def get_suite():
         notes=(
             "Validation carries the decoy like train (its shade reveals the label), so validation accuracy cannot "
             "see the shortcut; the tables report the final step, as RRR and XIL do. `saliency_inside` is the share "
-            "of input-gradient energy off the swatch; `rrr_gradient/wrong_reason` is XIL's WR (%, lower is better) of "
-            "RRR's input gradient on the swatch, the map XIL calls IG. Fixed before any run: XIL's optimiser (Adam 1e-3, batch 256) "
-            "for 50 epochs of the 3,000 training digits (600 steps; the quick suite 300). Chosen on validation "
+            "of input-gradient energy off the swatch; `rrr_gradient/wrong_reason` is XIL's WR (%, lower is better) "
+            "of RRR's input gradient on the swatch, the map XIL calls IG. Fixed before any run: XIL's optimiser "
+            "(Adam 1e-3, batch 256) for 50 epochs of the 3,000 training digits (600 steps; the quick suite 300). Chosen on validation "
             "only: each penalty weight is the smallest power of ten whose seed-0 quick probe run reaches a "
             "validation `saliency_inside` of 0.99 (GradMask 1e-3, RRR 1e-2, RBR 10; the probes are listed in the "
             "config). SGT uses no map (its KL term keeps lam 1) and is expected to keep the shortcut. ActDiff is not "
