@@ -59,6 +59,11 @@ def get_suite():
         map_metrics=("rrr_gradient/wrong_reason",),
         quick=("num_steps=300", "eval_every=60"),
         quick_methods=("clean", "ce", "gradmask", "rrr"),
+        quick_targets=(
+            Target("CE is >= 15 points below the clean reference on test (clean - CE)", gap("ce"), ">=", 0.15),
+            Target("GradMask within 5 points of the clean reference on test (clean - GradMask)", gap("gradmask"), "<=", 0.05),
+            Target("RRR within 5 points of the clean reference on test (clean - RRR)", gap("rrr"), "<=", 0.05),
+        ),
         targets=(
             Target("CE is >= 20 points below the clean reference on test (clean - CE)", gap("ce"), ">=", 0.20),
             Target("GradMask within 3 points of the clean reference on test (clean - GradMask)", gap("gradmask"), "<=", 0.03),

@@ -42,7 +42,7 @@ class Suite:
       splits: evaluation splits to tabulate, validation first.
       metrics: per-split metrics to tabulate (keys of `saljax.metrics.summarize`).
       quick: overrides (`key=value`) for `--quick`, with `quick_seeds` seeds and the `quick_methods`
-        (empty: every method).
+        (empty: every method), checked against `quick_targets` (empty: `targets`).
       targets: claims checked on the means.
       curve_metric: the evaluation metric of the training-curves figure.
       notes: Markdown paragraphs printed under the table (how hyperparameters were chosen, ...).
@@ -62,6 +62,7 @@ class Suite:
     quick: tuple[str, ...] = ()
     quick_seeds: int = 2
     quick_methods: tuple[str, ...] = ()
+    quick_targets: tuple[Target, ...] = ()
     targets: tuple[Target, ...] = ()
     curve_metric: str = "validation/accuracy"
     notes: str = ""
