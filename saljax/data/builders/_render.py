@@ -5,6 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def decoy_shade(digit: int) -> int:
+    """RRR's DecoyMNIST swatch shade that encodes ``digit``: ``255 - 25 * digit``."""
+    return 255 - 25 * int(digit)
+
+
+def paint_swatch(image: np.ndarray, saliency: np.ndarray, y0: int, x0: int, side: int, shade: int) -> None:
+    """Paints the decoy swatch into ``image`` (H, W) and takes it out of ``saliency`` (H, W), in place."""
+    image[y0 : y0 + side, x0 : x0 + side] = shade
+    saliency[y0 : y0 + side, x0 : x0 + side] = 0.0
+
+
 def example_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     """A generator that depends only on (seed, stream, index).
 

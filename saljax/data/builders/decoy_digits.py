@@ -103,9 +103,7 @@ def swatch_size(image_size: int) -> int:
     return max(1, int(round(4 * image_size / 28)))
 
 
-def decoy_shade(label: int) -> int:
-    """The swatch shade that reveals ``label`` (train / validation)."""
-    return 255 - 25 * int(label)
+decoy_shade = _render.decoy_shade
 
 
 def split_indices(labels: np.ndarray, config: DecoyDigitsConfig) -> dict[str, np.ndarray]:
@@ -172,8 +170,7 @@ def render_example(
         shade = decoy_shade(label) if split != "test" else decoy_shade(random_digit)
         y0 = 0 if corner in (0, 1) else size - s
         x0 = 0 if corner in (0, 2) else size - s
-        image[y0 : y0 + s, x0 : x0 + s] = shade
-        saliency[y0 : y0 + s, x0 : x0 + s] = 0.0
+        _render.paint_swatch(image, saliency, y0, x0, s, shade)
     if not keep_map:
         saliency = np.zeros_like(saliency)
     return {

@@ -92,9 +92,7 @@ class DecoyMnistConfig(tfds.core.BuilderConfig):
         _base.check_count(self.seed, "seed", minimum=0)
 
 
-def decoy_shade(digit: int) -> int:
-    """The swatch shade that encodes ``digit``: ``255 - 25 * digit`` (RRR)."""
-    return 255 - 25 * int(digit)
+decoy_shade = _render.decoy_shade
 
 
 def split_indices(labels: np.ndarray, config: DecoyMnistConfig) -> dict[str, np.ndarray]:
@@ -149,8 +147,7 @@ def render_example(
         shade = decoy_shade(random_digit if split == "test" else label)
         y0 = IMAGE_SIZE - SWATCH_SIZE if bottom else 0
         x0 = IMAGE_SIZE - SWATCH_SIZE if right else 0
-        image[y0 : y0 + SWATCH_SIZE, x0 : x0 + SWATCH_SIZE] = shade
-        saliency[y0 : y0 + SWATCH_SIZE, x0 : x0 + SWATCH_SIZE] = 0.0
+        _render.paint_swatch(image, saliency, y0, x0, SWATCH_SIZE, shade)
     if not keep_map:
         saliency = np.zeros_like(saliency)
     return {
