@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{description:32s} {label:58s} {n:5d} img {seconds:7.2f} s {per_minute:9.0f} img/min", flush=True)
     load_after = os.getloadavg()
 
-    command = "cd /work/main && .venv/bin/python benchmarks/explain_speed.py " + " ".join(argv or sys.argv[1:])
+    command = ".venv/bin/python benchmarks/explain_speed.py " + " ".join(argv or sys.argv[1:])  # from the repository root
     lines = [
         "# saljax explain: speed",
         "",
