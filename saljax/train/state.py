@@ -16,7 +16,7 @@ from flax import nnx
 
 from saljax import classifier, models
 
-__all__ = ["ModelDef", "TrainState", "init_train_state", "merge"]
+__all__ = ["ModelDef", "TrainState", "init_train_state", "merge", "with_loss_state"]
 
 
 class ModelDef(NamedTuple):
@@ -58,15 +58,25 @@ def init_train_state(
     """
     train_def, params, model_state = _split(model, train=True)
     eval_def = _split(model, train=False)[0]
-    loss_state = None
+    model_def = ModelDef(train_def, eval_def)
+    state = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
     if loss is not None and getattr(loss, "needs_state", False):
-        if images is None:
-            raise ValueError("images must be given (an array or jax.ShapeDtypeStruct (B, H, W, C)): the loss has terms"
-                             " that keep state, whose shapes depend on the model's activations")
-        clf = classifier.from_nnx(train_def, params, model_state)
-        loss_state = loss.init_state(clf, images, key=jax.random.key(0) if key is None else key)
-    state = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), loss_state)
-    return ModelDef(train_def, eval_def), state
+        state = with_loss_state(model_def, state, loss, images, key=key)
+    return model_def, state
+
+
+def with_loss_state(model_def: ModelDef, state: TrainState, loss: Any, images: Any, *,
+                    key: jax.Array | None = None) -> TrainState:
+    """`state` with `loss_state = loss.init_state(...)`: the initial states of the loss's stateful terms.
+
+    `images`: an array or `jax.ShapeDtypeStruct` (B, H, W, C) of the training batches (only the
+    shape is used); `key` defaults to `jax.random.key(0)`.
+    """
+    if images is None:
+        raise ValueError("images must be given (an array or jax.ShapeDtypeStruct (B, H, W, C)): the loss has terms"
+                         " that keep state, whose shapes depend on the model's activations")
+    clf = classifier.from_nnx(model_def.train, state.params, state.model_state)
+    return state._replace(loss_state=loss.init_state(clf, images, key=jax.random.key(0) if key is None else key))
 
 
 def merge(model_def: ModelDef, state: TrainState, *, train: bool = False) -> nnx.Module:

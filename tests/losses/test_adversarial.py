@@ -130,8 +130,8 @@ def test_classifier_gradient_fools_the_updated_discriminator(x64):
     eps = 1e-6
     for arr, grad, index in ((z, g_z, 0), (z_t, g_t, 1)):
         direction = jax.random.normal(jax.random.key(index), arr.shape, jnp.float64)
-        plus = generator(*(((arr + eps * direction, z_t) if index == 0 else (z, arr + eps * direction))))
-        minus = generator(*(((arr - eps * direction, z_t) if index == 0 else (z, arr - eps * direction))))
+        plus = generator(*((arr + eps * direction, z_t) if index == 0 else (z, arr + eps * direction)))
+        minus = generator(*((arr - eps * direction, z_t) if index == 0 else (z, arr - eps * direction)))
         np.testing.assert_allclose(jnp.sum(grad * direction), (plus - minus) / (2 * eps), rtol=1e-6)
     logit = lambda p, u, a: adversarial.discriminator_apply(p, u, a)[0]  # noqa: E731
     u3 = adversarial.discriminator_apply(new["params"], u2, z)[1]
