@@ -296,3 +296,20 @@ def test_matches_pytorch_spectral_norm_bce_and_adam(x64, tmp_path):
                 np.testing.assert_allclose(out[f"params/{k}/{n}"], v, rtol=1e-8, atol=1e-14, err_msg=f"{route} {k}/{n}")
         for k, v in state["u"].items():
             np.testing.assert_allclose(out[f"u/{k}"], v, rtol=1e-8, err_msg=f"{route} u/{k}")
+
+
+def test_checkpoint_round_trip_keeps_the_discriminator(tmp_path):
+    from saljax import checkpoint
+
+    loss = losses.for_method("actdiff_discriminator", hidden=(4,), update_every=2)
+    optimizer = optax.adam(1e-2)
+    data, model, model_def, state = _setup(loss, optimizer)
+    state, _ = train.make_train_step(model_def, loss, optimizer)(state, data)
+    saved = jax.device_get(state)
+    with checkpoint.Checkpointer(tmp_path, best_metric="", async_save=False) as ck:
+        ck.save(1, state)
+    fresh = _setup(loss, optimizer)[3]
+    with checkpoint.Checkpointer(tmp_path, best_metric="") as ck:
+        step, restored = ck.restore(fresh)
+    assert step == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(restored), saved)
