@@ -137,7 +137,7 @@ class Term:
     """
 
     name: str
-    fn: Callable[[Forward, Batch], Value]
+    fn: Callable[[Forward, Batch], Any]  # -> Value, or (Value, new state) for a term with an `init`
     weight: float = 1.0
     needs_input_gradient: bool = False
     needs_map: bool = False
@@ -267,7 +267,7 @@ class Loss:
             if term.init is not None:
                 values[term.name], new_states[term.name] = term.fn(fwd, batch)
             else:
-                values[term.name] = term.fn(fwd, batch)
+                values[term.name] = cast(jax.Array, term.fn(fwd, batch))
         total = cast(jax.Array, sum(t.weight * values[t.name] for t in self.terms))
         return total, LossAux(terms=values, logits=logits, state=state, term_state=new_states if self.needs_state else None)
 

@@ -42,7 +42,7 @@ def _jit(fn: Callable, mesh: Mesh | None, *, jit: bool, state_in: bool = True, d
     return jax.jit(fn, **kwargs)
 
 
-def _key_kwargs(loss: Callable[..., Any], key: jax.Array | None, step: jax.Array | int) -> dict[str, jax.Array]:
+def _key_kwargs(loss: Callable[..., Any], key: jax.Array | None, step: jax.Array | int) -> dict[str, Any]:
     """`{"key": fold_in(key, step)}` for a loss that takes a PRNG key (terms that draw random numbers)."""
     try:
         takes_key = "key" in inspect.signature(loss).parameters
