@@ -28,8 +28,8 @@ from baselines.torch._loss_base import (
     sum_log_softmax_score,
 )
 
-__all__ = ["cdep", "rbr", "rrr_g", "hint", "actdiff", "sgt", "transformed_ce", "shuffle_outside", "mask_outside",
-           "counterexamples"]
+__all__ = ["cdep", "rbr", "rrr_g", "hint", "actdiff", "actdiff_discriminator", "discriminator_step", "sgt",
+           "transformed_ce", "shuffle_outside", "mask_outside", "counterexamples"]
 
 
 # --- RBR, Grad-CAM terms (XIL's forms) --------------------------------------------------------------------
@@ -162,6 +162,101 @@ def actdiff(lam: float = 1.0, *, layer: str = "pooled", threshold: float = 0.5, 
         diff = _activations(layer, logits_t, feature_map_t) - _activations(layer, fwd.logits, fwd.feature_map)
         per = _safe_norm(diff.to(torch.promote_types(diff.dtype, torch.float32)))
         return _masked_mean(per, _weights(batch, per))
+
+    return Term(name, fn, lam, eager_only=True)
+
+
+# --- ActDiff's adversarial discriminator ------------------------------------------------------------------
+
+
+def _normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp(min=1e-12)
+
+
+def _discriminate(params: dict[str, Any], u: dict[str, torch.Tensor], z: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D's logits (B,): spectrally normalised layers (one power iteration each, u, v constant), ReLU, a plain layer."""
+    h, new_u = z, {}
+    for name in sorted(u, key=lambda n: int(n[len("layer"):])):
+        kernel, bias = params[name]["kernel"], params[name]["bias"]  # kernel (fan_in, fan_out), saljax's layout
+        with torch.no_grad():
+            v = _normalize(kernel @ u[name])
+            new_u[name] = _normalize(v @ kernel)
+        sigma = torch.dot(new_u[name], v @ kernel)
+        h = torch.relu(h @ (kernel / sigma) + bias)
+    return (h @ params["out"]["kernel"] + params["out"]["bias"])[:, 0], new_u
+
+
+def _bce(logit: torch.Tensor, target: float) -> torch.Tensor:
+    log_p = F.logsigmoid(logit).clamp(min=-100.0)
+    log_q = F.logsigmoid(-logit).clamp(min=-100.0)
+    return -(target * log_p + (1.0 - target) * log_q)
+
+
+def _adam(params: dict[str, Any], grads: dict[str, Any], opt: dict[str, Any], lr: float,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> tuple[dict[str, Any], dict[str, Any]]:
+    """torch.optim.Adam's step (no weight decay) on nested dicts; `opt` = {"count", "mu", "nu"}."""
+    count = opt["count"] + 1
+    t = float(count)
+
+    def tree(f: Callable[..., Any], *trees: Any) -> Any:
+        if isinstance(trees[0], dict):
+            return {k: tree(f, *(x[k] for x in trees)) for k in trees[0]}
+        return f(*trees)
+
+    mu = tree(lambda m, g: b1 * m + (1 - b1) * g, opt["mu"], grads)
+    nu = tree(lambda n, g: b2 * n + (1 - b2) * g * g, opt["nu"], grads)
+    new = tree(lambda p, m, n: p - lr * (m / (1 - b1 ** t)) / ((n / (1 - b2 ** t)).sqrt() + eps), params, mu, nu)
+    return new, {"count": count, "mu": mu, "nu": nu}
+
+
+def discriminator_step(state: dict[str, Any], z: torch.Tensor, z_t: torch.Tensor, weights: torch.Tensor, *,
+                       lam: float, lr: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`saljax.losses.adversarial.discriminator_step`: D's Adam step on lam * (BCE(D(z), 1) + BCE(D(z~), 0))
+    with z, z~ detached, then the classifier's term BCE(D'(z), 0) + BCE(D'(z~), 1) with D' held constant.
+
+    `state`: {"params", "u", "opt_state": {"count", "mu", "nu"}} (kernels (fan_in, fan_out)).
+    """
+    params = {k: {n: p.detach().requires_grad_(True) for n, p in layer.items()} for k, layer in state["params"].items()}
+    real, u1 = _discriminate(params, state["u"], z.detach())
+    fake, u2 = _discriminate(params, u1, z_t.detach())
+    plain = _masked_mean(_bce(real, 1.0), weights) + _masked_mean(_bce(fake, 0.0), weights)
+    leaves = [p for layer in params.values() for p in layer.values()]
+    flat = torch.autograd.grad(lam * plain, leaves)
+    it = iter(flat)
+    grads = {k: {n: next(it) for n in layer} for k, layer in params.items()}
+    with torch.no_grad():
+        new_params, opt = _adam({k: {n: p.detach() for n, p in layer.items()} for k, layer in params.items()},
+                                grads, state["opt_state"], lr)
+    real, u3 = _discriminate(new_params, u2, z)
+    fake, u4 = _discriminate(new_params, u3, z_t)
+    value = _masked_mean(_bce(real, 0.0), weights) + _masked_mean(_bce(fake, 1.0), weights)
+    return value, {"params": new_params, "u": u4, "opt_state": opt, "metrics": {"discriminator": plain.detach()}}
+
+
+def actdiff_discriminator(lam: float = 1.0, *, lr: float = 1e-4, update_every: int = 1,
+                          hidden: tuple[int, ...] = (1024, 1024, 1024), layer: str = "pooled", threshold: float = 0.5,
+                          name: str = "actdiff_discriminator", state: dict[str, Any] | None = None) -> Term:
+    """ActDiff's adversarial variant (draw `uniform/<name>` as actdiff). The discriminator's state lives in
+    the mutable dict `state` (give its "params", "u", "opt_state" from saljax's); each call advances it.
+    `update_every` and `hidden` are the caller's business here (the training loop; the given state's shapes).
+    """
+    _choice("layer", layer, ("pooled", "feature_map", "logits"))
+    del update_every, hidden
+    holder = state if state is not None else {}
+
+    def fn(fwd: Forward, batch: Batch) -> torch.Tensor:
+        if "params" not in holder:
+            raise ValueError(f"the loss term {name!r} keeps state: build it with state={{'params': ..., 'u': ...,"
+                             " 'opt_state': ...}}")
+        shuffled = shuffle_outside(batch, batch[f"uniform/{name}"], threshold=threshold)["image"]
+        logits_t, feature_map_t = fwd.rerun(shuffled.detach())
+        z = _activations(layer, fwd.logits, fwd.feature_map)
+        z_t = _activations(layer, logits_t, feature_map_t)
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        value, new = discriminator_step(holder, z.to(dtype), z_t.to(dtype), _weights(batch, z.to(dtype)), lam=lam, lr=lr)
+        holder.update(new)
+        return value
 
     return Term(name, fn, lam, eager_only=True)
 

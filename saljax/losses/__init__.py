@@ -21,6 +21,8 @@ Terms:
 - `rrr_g`                   Schramowski et al. 2020: predicted-class Grad-CAM off the map.
 - `hint`                    Selvaraju et al. 2019 (XIL's form): true-class Grad-CAM against the map.
 - `actdiff`                 Viviano et al. 2021: activations of x and of x with the outside shuffled.
+- `actdiff_discriminator`   the same paper's adversarial variant: fool a discriminator of those activations
+                            (keeps state: `loss.init_state`, `TrainState.loss_state`).
 - `sgt`                     Ismail et al. 2021: KL between x and x with its least salient features noised.
 - `transformed_ce`          CE on a transformed copy (counterexamples, Teso and Kersting 2019).
 - `cdep`                    Rieger et al. 2020 (XIL's form): share of the logits the region off the map explains.
@@ -30,6 +32,7 @@ The conventions of every term, with the papers: docs/methods.md in the source tr
 """
 
 from saljax.losses import transforms
+from saljax.losses.adversarial import actdiff_discriminator
 from saljax.losses.base import Forward, Loss, LossAux, Term, combine, cross_entropy, term_key
 from saljax.losses.cam import cyborg, dd_difference, dd_divergence, dd_paired
 from saljax.losses.contextual import cdep
@@ -57,6 +60,7 @@ __all__ = [
     "rrr_g",
     "hint",
     "actdiff",
+    "actdiff_discriminator",
     "sgt",
     "transformed_ce",
     "cdep",

@@ -17,13 +17,19 @@ update is discarded. The running statistics move once per step, from the clean p
 
 `combine` composes like `optax.chain`: it takes Terms and Losses alike (a Loss's terms are flattened
 in), so `combine(for_method("cyborg"), rrr(0.1))` works.
+
+A term may keep state of its own between steps (ActDiff's adversarial discriminator: its parameters
+and optimizer state). Such a term has an `init`; `loss.init_state(classifier, images, key=key)`
+builds the states, `loss(classifier, batch, key=key, term_state=states)` reads them and returns the
+new ones in `aux.term_state`. The train state carries them (`TrainState.loss_state`), so the loss
+stays a pure function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -57,6 +63,7 @@ class Forward:
         images: jax.Array,
         vjp: Callable[[jax.Array], tuple[jax.Array, ...]] | None,
         key: jax.Array | None = None,
+        term_state: Mapping[str, Any] | None = None,
     ):
         self.logits = logits  # (B, K)
         self.feature_map = feature_map  # (B, h, w, C')
@@ -64,6 +71,7 @@ class Forward:
         self.classifier = classifier
         self.key = key
         self._vjp = vjp
+        self._term_state = term_state
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +106,12 @@ class Forward:
         feature_map, _ = self.classifier.features(images)
         return self.classifier.head(feature_map), feature_map
 
+    def state_of(self, name: str) -> Any:
+        """The state that the stateful term `name` carries into this step."""
+        if self._term_state is None or name not in self._term_state:
+            raise ValueError(f"the loss term {name!r} keeps state: call loss(classifier, batch, term_state=...)")
+        return self._term_state[name]
+
     def key_for(self, name: str) -> jax.Array:
         if self.key is None:
             raise ValueError(f"the loss term {name!r} draws random numbers: call loss(classifier, batch, key=...)")
@@ -107,12 +121,23 @@ class Forward:
 Value = jax.Array
 
 
+# `init(key, logits, feature_map) -> state` of a stateful term; it gets the shapes (jax.ShapeDtypeStruct)
+# of one forward pass.
+StateInit = Callable[[jax.Array, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct], Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """A named, weighted loss term `fn(forward, batch) -> scalar`, and what it needs."""
+    """A named, weighted loss term `fn(forward, batch) -> scalar`, and what it needs.
+
+    A term with an `init` keeps state between steps: its `fn` reads `forward.state_of(name)` and
+    returns `(scalar, new_state)`. `update_every = k > 1` asks the train step to apply the
+    classifier's optimizer update on every k-th step only (the steps in between update the term's
+    state and the BatchNorm statistics).
+    """
 
     name: str
-    fn: Callable[[Forward, Batch], Value]
+    fn: Callable[[Forward, Batch], Any]  # -> Value, or (Value, new state) for a term with an `init`
     weight: float = 1.0
     needs_input_gradient: bool = False
     needs_map: bool = False
@@ -121,6 +146,8 @@ class Term:
     needs_params: bool = False  # differentiates with respect to the parameters inside the loss
     needs_feature_map: bool = False  # reads a conv feature map (B, h, w, C')
     needs_decomposition: bool = False  # reads `classifier.decompose` (contextual decomposition)
+    init: StateInit | None = None  # keeps state between steps (see the class docstring)
+    update_every: int = 1
 
     def scaled(self, weight: float) -> Term:
         return dataclasses.replace(self, weight=weight)
@@ -130,12 +157,19 @@ class LossAux(NamedTuple):
     terms: dict[str, jax.Array]  # unweighted value of each term
     logits: jax.Array  # (B, K)
     state: Any  # the classifier's updated state (BatchNorm statistics), or None
+    term_state: dict[str, Any] | None = None  # new states of the stateful terms, by name
 
 
-def _check_needs(terms: tuple[Term, ...], classifier: Classifier, batch: Batch, key: jax.Array | None) -> None:
-    """Errors that can be seen before any tracing: missing key, parameters or saliency maps."""
+def _check_needs(terms: tuple[Term, ...], classifier: Classifier, batch: Batch, key: jax.Array | None,
+                 term_state: Mapping[str, Any] | None) -> None:
+    """Errors that can be seen before any tracing: missing key, parameters, term states or saliency maps."""
     image_size = _common.spatial_size(jnp.shape(batch[batch_lib.IMAGE]))
     for term in terms:
+        if term.init is not None and (term_state is None or term.name not in term_state):
+            raise ValueError(
+                f"the loss term {term.name!r} keeps state between steps: call loss(classifier, batch, key=...,"
+                " term_state=loss.init_state(classifier, images, key=...)), or let make_train_step carry it"
+                " (init_train_state(model, optimizer, loss=loss, images=...))")
         if term.needs_key and key is None:
             raise ValueError(f"the loss term {term.name!r} draws random numbers: call loss(classifier, batch, key=...)")
         if term.needs_params and getattr(classifier, "rebind", None) is None:
@@ -167,17 +201,46 @@ class Loss:
         return iter(self.terms)
 
     @property
+    def needs_state(self) -> bool:
+        """Whether some term keeps state between steps (call with `term_state=`)."""
+        return any(t.init is not None for t in self.terms)
+
+    @property
+    def update_every(self) -> int:
+        """The classifier's optimizer applies an update on every `update_every`-th step only."""
+        return max((t.update_every for t in self.terms), default=1)
+
+    def init_state(self, classifier: Classifier, images: Any, *, key: jax.Array) -> dict[str, Any]:
+        """The initial states of the stateful terms, by name ({} when none keeps state).
+
+        `images`: an array or `jax.ShapeDtypeStruct` of shape (B, H, W, C); only its shape is used
+        (one abstract forward pass gives the shapes of the logits and the feature map).
+        """
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) != 4:
+            raise ValueError(f"images must have shape (B, H, W, C); got {shape}")
+        spec = jax.ShapeDtypeStruct(shape, getattr(images, "dtype", jnp.float32))
+
+        def forward(x):
+            feature_map, _ = classifier.features(x)
+            return classifier.head(feature_map), feature_map
+
+        logits, feature_map = jax.eval_shape(forward, spec)
+        return {t.name: t.init(term_key(key, t.name), logits, feature_map) for t in self.terms if t.init is not None}
+
+    @property
     def needs_key(self) -> bool:
         """Whether the loss draws random numbers, i.e. must be called with `key=`."""
         return self.transform is not None or any(t.needs_key for t in self.terms)
 
-    def __call__(self, classifier: Classifier, batch: Batch, *, key: jax.Array | None = None) -> tuple[jax.Array, LossAux]:
+    def __call__(self, classifier: Classifier, batch: Batch, *, key: jax.Array | None = None,
+                 term_state: Mapping[str, Any] | None = None) -> tuple[jax.Array, LossAux]:
         batch_lib.check_batch(batch)
         if self.transform is not None:
             if key is None:
                 raise ValueError("the batch transform of this loss draws random numbers: call loss(classifier, batch, key=...)")
             batch = self.transform(batch, term_key(key, "transform"))
-        _check_needs(self.terms, classifier, batch, key)
+        _check_needs(self.terms, classifier, batch, key, term_state)
         x = jnp.asarray(batch[batch_lib.IMAGE])
 
         def forward(images):
@@ -190,8 +253,9 @@ class Loss:
             (logits, (feature_map, state)), vjp = forward(x), None
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape (B, K) with B = {x.shape[0]}; got {logits.shape}")
-        fwd = Forward(logits, feature_map, classifier=classifier, images=x, vjp=vjp, key=key)
+        fwd = Forward(logits, feature_map, classifier=classifier, images=x, vjp=vjp, key=key, term_state=term_state)
         values = {}
+        new_states: dict[str, Any] = {}
         for term in self.terms:
             if term.needs_feature_map and jnp.ndim(feature_map) != 4:
                 raise ValueError(
@@ -200,9 +264,12 @@ class Loss:
             if term.needs_map and term.cam_maps:
                 sizes = [_common.spatial_size(x.shape), _common.spatial_size(feature_map.shape)]
                 batch_lib.check_batch(batch, needs_map=True, map_sizes=sizes)
-            values[term.name] = term.fn(fwd, batch)
+            if term.init is not None:
+                values[term.name], new_states[term.name] = term.fn(fwd, batch)
+            else:
+                values[term.name] = cast(jax.Array, term.fn(fwd, batch))
         total = cast(jax.Array, sum(t.weight * values[t.name] for t in self.terms))
-        return total, LossAux(terms=values, logits=logits, state=state)
+        return total, LossAux(terms=values, logits=logits, state=state, term_state=new_states if self.needs_state else None)
 
 
 def combine(*parts: Term | Loss, transform: Transform | None = None) -> Loss:
@@ -231,6 +298,9 @@ def combine(*parts: Term | Loss, transform: Transform | None = None) -> Loss:
             raise ValueError(f"two terms are named {name!r}; give one another name (the term's name= option)")
     if len(transforms) > 1:
         raise ValueError(f"combine got {len(transforms)} batch transforms; a loss takes at most one")
+    periods = {t.update_every for t in terms} - {1}
+    if len(periods) > 1:
+        raise ValueError(f"terms ask for optimizer updates every {sorted(periods)} steps; a loss takes one period")
     return Loss(tuple(terms), transforms[0] if transforms else None)
 
 

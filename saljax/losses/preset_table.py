@@ -29,6 +29,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dd_divergence": {"term": "dd_divergence", "alpha": 0.5},
     # ActDiff (Viviano et al. 2021): CE + lam * activation distance.
     "actdiff": {"term": "actdiff", "lam": 1.0},
+    # Its adversarial variant: CE + lam * BCE of a discriminator of z(x) vs z(x~) with flipped labels; the
+    # authors' code defaults (discriminator Adam lr 1e-4, classifier updated every step; their lam default
+    # 0 switches it off, 1 here as for ActDiff).
+    "actdiff_discriminator": {"term": "actdiff_discriminator", "lam": 1.0},
     # XIL forms (Friedrich et al. 2023) of RRR-G (Schramowski et al. 2020), HINT (Selvaraju et al.
     # 2019) and RBR (Shao et al. 2021): CE + lam * term; lam is data-dependent (XIL tunes it per
     # dataset), choose it so that the term is about CE at initialisation.

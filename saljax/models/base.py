@@ -36,7 +36,7 @@ it), override :meth:`ImageClassifier.head` unless it is GAP + ``classifier``, an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,10 @@ class ImageClassifier(nnx.Module):
     and implement :meth:`backbone`. Train / eval mode: ``model.train()`` / ``model.eval()`` (or
     ``nnx.view(model, use_running_average=...)``) switch every BatchNorm.
     """
+
+    #: The name :func:`saljax.models.create` knows a built-in model by: a class of a module in
+    #: ``saljax/models/`` that sets it is registered when the package is imported.
+    registry_name: ClassVar[str | None] = None
 
     in_channels: int
     num_classes: int

@@ -51,6 +51,8 @@ class MLP(ImageClassifier):
       rngs: parameter initialisation keys.
     """
 
+    registry_name = "mlp"
+
     def __init__(
         self,
         *,

@@ -218,6 +218,7 @@ class ResNet18(ResNet):
     ``'cifar'`` (3x3 stride-1 stem, no max-pool: the GradMask follow-up's network). Arguments:
     see :class:`ResNet`."""
 
+    registry_name = "resnet18"
     block = BasicBlock
     stage_sizes = (2, 2, 2, 2)
     default_stem = "cifar"
@@ -228,6 +229,7 @@ class ResNet50(ResNet):
     ``32 * width`` (2048 for ``width=64``); ``stem`` defaults to ``'imagenet'`` (CYBORG's backbone).
     Arguments: see :class:`ResNet`."""
 
+    registry_name = "resnet50"
     block = Bottleneck
     stage_sizes = (3, 4, 6, 3)
     default_stem = "imagenet"

@@ -44,6 +44,8 @@ class SimpleCNN(ImageClassifier):
     (truncated) with zero bias, BatchNorm scale 1 and bias 0.
     """
 
+    registry_name = "simple_cnn"
+
     def __init__(
         self,
         *,

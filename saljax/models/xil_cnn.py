@@ -55,6 +55,8 @@ class XILCNN(ImageClassifier):
       rngs: parameter initialisation keys.
     """
 
+    registry_name = "xil_cnn"
+
     def __init__(
         self,
         *,

@@ -16,7 +16,7 @@ from saljax.train.from_config import check_config, fill_from_dataset, init_from_
 from saljax.train.loop import train_and_evaluate
 from saljax.train.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from saljax.train.restore import load_model
-from saljax.train.state import ModelDef, TrainState, init_train_state, merge
+from saljax.train.state import ModelDef, TrainState, init_train_state, merge, with_loss_state
 from saljax.train.steps import evaluate, make_eval_step, make_train_step
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "make_train_step",
     "merge",
     "train_and_evaluate",
+    "with_loss_state",
 ]

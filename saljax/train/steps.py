@@ -42,7 +42,7 @@ def _jit(fn: Callable, mesh: Mesh | None, *, jit: bool, state_in: bool = True, d
     return jax.jit(fn, **kwargs)
 
 
-def _key_kwargs(loss: Callable[..., Any], key: jax.Array | None, step: jax.Array | int) -> dict[str, jax.Array]:
+def _key_kwargs(loss: Callable[..., Any], key: jax.Array | None, step: jax.Array | int) -> dict[str, Any]:
     """`{"key": fold_in(key, step)}` for a loss that takes a PRNG key (terms that draw random numbers)."""
     try:
         takes_key = "key" in inspect.signature(loss).parameters
@@ -71,10 +71,23 @@ def make_train_step(
     for any number of devices and hosts (see `saljax.parallel`). A loss that takes a PRNG `key`
     gets `fold_in(key, state.step)` (default key: `jax.random.key(0)`), so a resumed run draws the
     same numbers as an uninterrupted one.
+
+    A loss with terms that keep state (`loss.needs_state`) reads and updates `state.loss_state`
+    (build the state with `init_train_state(..., loss=loss, images=...)`); their metrics appear as
+    `loss/<term>/<metric>`. A loss with `update_every = k > 1` applies the optimizer's update to
+    the parameters on steps k, 2k, ... only (`state.step + 1` divisible by k); the other steps
+    leave parameters and optimizer state as they were and report `updated` 0.
     """
+    stateful = bool(getattr(loss, "needs_state", False))
+    every = int(getattr(loss, "update_every", 1))
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key_kwargs = _key_kwargs(loss, key, state.step)
+        if stateful:
+            if state.loss_state is None:
+                raise ValueError("the loss has terms that keep state but state.loss_state is None: build the state with"
+                                 " init_train_state(model, optimizer, loss=loss, images=...)")
+            key_kwargs["term_state"] = state.loss_state
 
         def loss_of(params: Any) -> tuple[jax.Array, Any]:
             return loss(classifier.from_nnx(model_def.train, params, state.model_state), batch, **key_kwargs)
@@ -82,6 +95,19 @@ def make_train_step(
         (value, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        extra: dict[str, jax.Array] = {}
+        if every > 1:
+            # The gradients of the steps in between are dropped, not accumulated (ActDiff's discriminator).
+            apply = (state.step + 1) % every == 0
+            params = jax.tree.map(lambda new, old: jnp.where(apply, new, old), params, state.params)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), opt_state, state.opt_state)
+            extra["updated"] = apply.astype(jnp.float32)
+        loss_state = state.loss_state
+        if stateful:
+            loss_state = aux.term_state
+            for name, term_state in aux.term_state.items():
+                metrics_of = term_state.get("metrics", {}) if isinstance(term_state, dict) else {}
+                extra.update({f"loss/{name}/{k}": v for k, v in metrics_of.items()})
         labels = jnp.asarray(batch[batch_lib.LABEL])
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         out = {
@@ -90,9 +116,10 @@ def make_train_step(
             "grad_norm": grad_norm,
             "finite": jnp.isfinite(value) & jnp.isfinite(grad_norm),
             **{f"loss/{name}": v for name, v in aux.terms.items()},
+            **extra,
         }
         model_state = aux.state if aux.state is not None else state.model_state
-        return TrainState(state.step + 1, params, model_state, opt_state), out
+        return TrainState(state.step + 1, params, model_state, opt_state, loss_state), out
 
     return _jit(step, mesh, jit=jit, donate=True)
 
@@ -128,7 +155,11 @@ def make_eval_step(
             out["has_map"] = batch_lib.map_weights(batch) > 0
         if loss is not None:
             clf = classifier.from_nnx(model_def.eval, state.params, state.model_state)
-            _, aux = loss(clf, batch, **_key_kwargs(loss, key, 0))
+            kwargs = _key_kwargs(loss, key, 0)
+            if getattr(loss, "needs_state", False):
+                # Stateful terms evaluate against the current state; their update is dropped.
+                kwargs["term_state"] = state.loss_state
+            _, aux = loss(clf, batch, **kwargs)
             # CE is reported per sample above; penalties skip samples with has_map = 0 (padding).
             out.update({f"loss/{k}": jnp.full(labels.shape, v) for k, v in aux.terms.items() if k != "ce"})
         return out

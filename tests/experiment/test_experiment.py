@@ -4,9 +4,6 @@ import glob
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -123,8 +120,10 @@ def _suite(name):
 
 
 @pytest.fixture(scope="session")
-def cli_compilation_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp().parent / "saljax-cli-jax-cache")
+def suite_data_dirs(tmp_path_factory) -> dict[str, str]:
+    """One tiny built dataset per suite and test worker, shared by that suite's cases."""
+    root = tmp_path_factory.mktemp("suite-data")
+    return {name: str(root / name) for name in TINY}
 
 
 # One case per method of every suite, so the cases spread over the test workers; the first
@@ -134,19 +133,19 @@ CLI_CASES = [(name, method) for name in TINY for method in _suite(name).methods]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite,method", CLI_CASES)
-def test_every_method_runs_through_the_cli(suite, method, tmp_path, cli_compilation_cache):
-    exe = shutil.which("saljax", path=os.path.dirname(sys.executable))
-    command = [exe] if exe else [sys.executable, "-m", "saljax.cli"]
+def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_dirs, capsys):
+    from saljax import cli
+
+    # In-process: a subprocess per case would pay the imports again each time.
     out = tmp_path / "out"
     figures = method == _suite(suite).methods[0]
-    command += ["experiment", suite, "--seeds", "1", "--methods", method, "--workdir", str(tmp_path / "runs"),
-                "--out", str(out), *([] if figures else ["--no-figures"]),
-                f"dataset.data_dir={str(tmp_path / 'data')!r}", "num_steps=3", "eval_every=3", "log_every=1",
-                "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
-    # One compilation cache for every case: the suites' methods share their eval and explain programs.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cli_compilation_cache)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    argv = ["experiment", suite, "--seeds", "1", "--methods", method, "--workdir", str(tmp_path / "runs"),
+            "--out", str(out), *([] if figures else ["--no-figures"]),
+            f"dataset.data_dir={suite_data_dirs[suite]!r}", "num_steps=3", "eval_every=3", "log_every=1",
+            "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
+    code = cli.main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
     report = _check_page(str(out / f"{suite}.md"), min_seeds=1)
     assert list(report["runs"]) == [method]
     metrics = report["runs"][method][0]["metrics"]
@@ -158,4 +157,4 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, cli_compilat
         for column in suite_.columns:
             assert suite_.key(f"{split}/{column}") in metrics, (split, column)
     assert len(report["figures"]) == (3 if figures else 0)
-    assert "| method |" in done.stdout  # the table is printed
+    assert "| method |" in printed.out  # the table is printed

@@ -324,7 +324,9 @@ def test_for_method_builds_every_method():
         if method == "cdep":  # needs an nnx model's contextual decomposition: built in test_cdep.py
             continue
         loss = losses.for_method(method)
-        value, _ = jax.jit(lambda p, loss=loss: loss(bound_classifier(p), batch, key=jax.random.key(2)))(params)
+        # Terms that keep state (ActDiff's discriminator) read it from term_state.
+        states = loss.init_state(bound_classifier(params), batch["image"], key=jax.random.key(3)) if loss.needs_state else None
+        value, _ = jax.jit(lambda p, loss=loss, s=states: loss(bound_classifier(p), batch, key=jax.random.key(2), term_state=s))(params)
         assert np.isfinite(value), method
     cyborg = losses.for_method("cyborg", alpha=0.25)
     assert [(t.name, t.weight) for t in cyborg.terms] == [("ce", 0.25), ("cyborg", 0.75)]

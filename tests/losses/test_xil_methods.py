@@ -322,7 +322,8 @@ def test_presets_come_from_the_table():
             assert weights == [1.0, row["lam"]], method
     assert [t.weight for t in losses.for_method("sgt", lam=0.3).terms] == [1.0, 0.3]
     random = {m for m in losses.METHODS if losses.for_method(m).needs_key}
-    assert random == {"actdiff", "sgt", "counterexamples", "masked_images", "shuffled_images"}
+    assert random == {"actdiff", "actdiff_discriminator", "sgt", "counterexamples", "masked_images", "shuffled_images"}
+    assert {m for m in losses.METHODS if losses.for_method(m).needs_state} == {"actdiff_discriminator"}
 
 
 # --- bad input --------------------------------------------------------------------------------------------

@@ -327,7 +327,7 @@ def test_create_builds_every_model():
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("vgg16", {}, r"name.*'simple_cnn', 'resnet18', 'resnet50'.*vgg16"),
+        ("vgg16", {}, r"name.*'mlp', 'resnet18', 'resnet50', 'simple_cnn', 'xil_cnn'.*vgg16"),
         ("resnet18", {"num_classes": 0}, "num_classes"),
         ("resnet18", {"num_classes": True}, "num_classes"),
         ("resnet50", {"in_channels": 0}, "in_channels"),
