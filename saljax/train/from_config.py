@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -145,4 +146,14 @@ def init_from_config(config: ml_collections.ConfigDict) -> tuple[ModelDef, Train
         kwargs["input_size"] = tuple(size)
     model = models.create(m.name, num_classes=m.num_classes, in_channels=m.in_channels,
                           rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(m.dtype), **kwargs)
-    return init_train_state(model, make_optimizer(config.optimizer, num_steps=config.get("num_steps")))
+    optimizer = make_optimizer(config.optimizer, num_steps=config.get("num_steps"))
+    loss = make_loss(config)
+    if not loss.needs_state:
+        return init_train_state(model, optimizer)
+    # Terms that keep state between steps (ActDiff's discriminator) start from the shapes of a batch;
+    # building it here makes a restored run's target match what training saved.
+    size = m.get("input_size")
+    if size is None:
+        raise ValueError(f"config.model.input_size must be set for the stateful loss of method {config.method!r}")
+    images = jax.ShapeDtypeStruct((config.batch_size, *tuple(size), m.in_channels), jnp.float32)
+    return init_train_state(model, optimizer, loss=loss, images=images, key=jax.random.key(config.seed))

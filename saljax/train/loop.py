@@ -30,7 +30,7 @@ from saljax import checkpoint, data, metrics, parallel
 from saljax import workdir as workdir_lib
 from saljax.train.from_config import check_config, fill_from_dataset, init_from_config, make_loss
 from saljax.train.optimizer import make_optimizer
-from saljax.train.state import TrainState, with_loss_state
+from saljax.train.state import TrainState
 from saljax.train.steps import make_eval_step, make_train_step
 from saljax.writers import MetricWriter
 
@@ -138,9 +138,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
     loss = make_loss(config)
-    if loss.needs_state:  # terms that keep state between steps (ActDiff's discriminator) start from the image shape
-        images = jax.ShapeDtypeStruct((config.batch_size, *builder.info.features["image"].shape), np.float32)
-        state = with_loss_state(model_def, state, loss, images, key=jax.random.key(config.seed))
     # Losses that draw random numbers get fold_in(key(seed), step): resumes draw the same numbers.
     train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, key=jax.random.key(config.seed))
     eval_step = make_eval_step(model_def, loss=loss, mesh=mesh, key=jax.random.key(config.seed))

@@ -313,3 +313,19 @@ def test_checkpoint_round_trip_keeps_the_discriminator(tmp_path):
         step, restored = ck.restore(fresh)
     assert step == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(restored), saved)
+
+
+def test_a_config_with_the_discriminator_restores_into_the_state_training_saved():
+    # load_model and resume build their restore target with init_from_config: it must hold the
+    # discriminator's state, or the checkpoints of such a run could never be read back.
+    from saljax import config as config_lib
+
+    c = config_lib.load(str(Path(__file__).resolve().parents[2] / "experiments/configs/red_herring_cpu.py:actdiff_discriminator"),
+                        ["model.num_classes=2", "model.in_channels=1", "model.input_size=(12, 12)",
+                         "model.kwargs={'width': 2, 'stem': 'cifar'}", "loss.hidden=(4,)"])
+    _, state = train.init_from_config(c)
+    disc = state.loss_state["actdiff_discriminator"]
+    assert disc["params"]["out"]["kernel"].shape == (4, 1)
+    del c.model["input_size"]
+    with pytest.raises(ValueError, match="model.input_size must be set"):
+        train.init_from_config(c)
