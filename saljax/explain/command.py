@@ -122,6 +122,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         model, train_config, step = train.load_model(args.checkpoint, with_step=True)
     except (workdir_lib.CheckpointError, FileNotFoundError, ValueError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"{prog}: cannot load a model from {args.checkpoint!r}: {err}", file=sys.stderr)
         return 2
     try:
@@ -156,6 +158,8 @@ def main(args: argparse.Namespace) -> int:
             source=f"{args.checkpoint}, step {step} ({_checkpoint_kind(train_config)})",
         )
     except ValueError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     print(f"{prog}: {summary['num_images']} images of {name}:{split} ({summary['num_with_map']} with a map)")
