@@ -165,9 +165,11 @@ def _checkpointer_with_one(tmp: Path):
     return ck
 
 
-def _three_class_dd(_):
-    three = make_conv_params(jax.random.key(0), num_classes=3)
-    losses.for_method("dd_paired")(conv_classifier(three), make_batch(jax.random.key(1), num_classes=3))
+def _three_class_dd(method):
+    def call(_):
+        three = make_conv_params(jax.random.key(0), num_classes=3)
+        losses.for_method(method)(conv_classifier(three), make_batch(jax.random.key(1), num_classes=3))
+    return call
 
 
 def _no_map_cyborg(_):
@@ -231,8 +233,9 @@ LIBRARY_CASES = [
      lambda t: saliency.vanilla_gradient(lambda v: _cam_head(_cam_features(v)), jnp.ones((2, 4, 4, 1)), jnp.array([0, -1])),
      ValueError, r"must lie in \[0, 2\)"),
     ("loss-missing-map", _no_map_cyborg, ValueError, "batch has no 'saliency_map' entry"),
-    ("loss-dd-needs-two-classes", _three_class_dd, ValueError,
-     r"dd_paired needs a binary head: logits of shape \(B, 2\); got \(4, 3\)"),
+    *[(f"loss-{m}-needs-two-classes", _three_class_dd(m), ValueError,
+       rf"{m} needs a binary head: logits of shape \(B, 2\); got \(4, 3\)")
+      for m in ("dd_difference", "dd_paired", "dd_divergence")],
     ("loss-gradmask-variant", lambda t: losses.gradmask(variant="v2"), ValueError, "variant must be one of"),
     ("loss-gradmask-norm", lambda t: losses.gradmask(norm="l3"), ValueError, "norm must be one of"),
     ("loss-cyborg-cam-class", lambda t: losses.cyborg(cam_class="false"), ValueError, "cam_class must be one of"),
@@ -304,12 +307,13 @@ def test_loss_shape_errors_name_the_key_before_tracing(change, message):
         jax.jit(lambda p, b: losses.for_method("gradmask")(conv_classifier(p), b))(params, batch)
 
 
-def test_ce_alone_needs_no_map_and_unchanged_batches_pass():
+def test_valid_input_passes_the_same_checks():
     batch = make_batch(jax.random.key(1))
     losses.for_method("ce")(conv_classifier(make_conv_params(jax.random.key(0))),
                             {k: v for k, v in batch.items() if k != "saliency_map"})
     batch_lib.validate_batch(_batch(), num_classes=2)
     assert losses.for_method("gradmask", lam=0.0) is not None  # no penalty is a valid weight
+    loop._check_finite(3, {"finite": True, "loss": 1.0, "grad_norm": 1.0})
 
 
 # --- the folder CSV --------------------------------------------------------------------------------------
@@ -401,7 +405,7 @@ def test_folder_every_bad_row_is_listed_and_nothing_is_written(tmp_path):
     ])
     with pytest.raises(sd.FolderDatasetError) as info:
         _build(folder, tmp_path / "data", class_names=("cat", "dog"), image_size=8)
-    assert [p.row for p in info.value.problems] == [3, 4, 5, 6, 7, 8, 9]
+    assert isinstance(info.value, ValueError) and [p.row for p in info.value.problems] == [3, 4, 5, 6, 7, 8, 9]
     message = str(info.value)
     for row, needle in [(3, "missing.png: image file not found"), (4, "broken.png: image file unreadable"),
                         (5, "label 'bird' is not one of the declared class_names"), (6, "wide.png: map is 40x10"),
@@ -507,7 +511,7 @@ def _config_file(tmp_path, text):
 COMMAND_CASES = [
     ("train-workdir-is-a-file", lambda t: _train_argv(t, run=_write(t / "file", "x")), 2, "is a file, not a directory"),
     ("train-workdir-under-a-file", lambda t: _train_argv(t, run=_write(t / "file", "x") / "run"), 2,
-     "cannot be created: "),
+     "file/run cannot be created: "),
     ("train-workdir-not-writable", lambda t: _train_argv(t, run=_locked(t)), 2, "is not writable"),
     ("train-config-file-missing", lambda t: _train_argv(t, config_spec=str(t / "missing.py")), 2, "missing.py does not exist"),
     ("train-config-syntax-error",
@@ -762,6 +766,7 @@ def test_a_corrupt_checkpoint_is_moved_aside_never_deleted(tmp_path, caplog):
         assert step == 2 and np.all(state["w"] == 2.0) and ck.steps() == [1, 2]
     moved = tmp_path / "checkpoints" / "3.corrupt"
     assert moved.is_dir() and "checkpoint 3" in caplog.text and str(moved) in caplog.text
+    assert "unreadable or corrupt" in caplog.text
     _corrupt(tmp_path / "checkpoints" / "2" / "state")  # read-only restores leave it where it is
     with checkpoint.Checkpointer(tmp_path, async_save=False) as ck:
         assert ck.restore({"w": np.zeros(2)})[0] == 1 and ck.steps() == [1, 2]
