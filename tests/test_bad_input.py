@@ -535,6 +535,16 @@ COMMAND_CASES = [
      "expected a JSON object"),
     ("explain-usage-missing-out", lambda t: ["explain", "--checkpoint", t], 2,
      "the following arguments are required: --out"),
+    # explain's options are checked before the checkpoint is read or data built (this one does not exist)
+    *[(f"explain-option-{option[2:]}", lambda t, o=option, v=value: ["explain", "--checkpoint", t / "nowhere", "--out",
+                                                                      t / "out", o, v], 2, message)
+      for option, value, message in [
+          ("--methods", "gradient,gradcam", "unknown explanation method(s) ['gradcam']; expected some of"),
+          ("--top-q", "2", "ExplainConfig.top_q must be a fraction in (0, 1]; got 2.0"),
+          ("--batch-size", "0", "ExplainConfig.batch_size must be a positive int; got 0"),
+          ("--ig-steps", "0", "ExplainConfig.ig_steps must be a positive int"),
+          ("--num-images", "-1", "--num-images must be >= 0; got -1"),
+      ]],
     ("experiment-zero-seeds", lambda t: ["experiment", DIGITS, "--seeds", "0", "--workdir", t / "w", "--out", t / "out"], 2,
      "--seeds must be >= 1; got 0"),
     ("experiment-unknown-suite", lambda t: ["experiment", "nope", "--workdir", t / "w", "--out", t / "out"], 2,
@@ -596,13 +606,11 @@ def test_saljax_debug_0_is_off(tmp_path, capsys, monkeypatch):
     _refused(capsys, _train_argv(tmp_path, "method='nope'"), 2, "method must be one of")
 
 
-def test_explain_refuses_a_missing_split_or_method_of_a_trained_run(trained, tmp_path, capsys):
-    run = trained[0]
-    for extra, message in [(["--dataset", "decoy_digits:nosuch"], "has no split 'nosuch'"),
-                           (["--methods", "gradient,gradcam"], r"unknown explanation method(s) ['gradcam']")]:
-        _refused(capsys, ["explain", "-q", "--checkpoint", run, "--out", tmp_path / "out", "--no-progress", *extra], 2,
-                 message)
-        assert not (tmp_path / "out").exists()
+def test_explain_refuses_a_split_the_dataset_lacks(trained, tmp_path, capsys):
+    _refused(capsys, ["explain", "-q", "--checkpoint", trained[0], "--out", tmp_path / "out", "--no-progress",
+                      "--dataset", "decoy_digits:nosuch"], 2,
+             "dataset 'decoy_digits' has no split 'nosuch'; it has ['test', 'train', 'validation']")
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_refuses_a_model_field_the_dataset_contradicts(trained, data_dir, tmp_path, capsys):
@@ -654,6 +662,18 @@ def test_interrupted_figure_keeps_the_old_png(tmp_path):
         _figures.save(fig, path)
     assert _snapshot(tmp_path) == before and not _strays(tmp_path)
     assert Image.open(path).size == (100, 100)
+
+
+def test_a_metrics_line_left_unfinished_is_cut_off_by_the_next_writer(tmp_path):
+    writer = writers.MetricWriter(tmp_path, tensorboard=False)
+    writer.write(1, {"train/loss": 0.5})
+    writer.close()
+    with open(tmp_path / workdir.METRICS_FILE, "a") as f:
+        f.write('{"step": 2, "train/lo')  # a process killed mid-line
+    writer = writers.MetricWriter(tmp_path, tensorboard=False)
+    writer.write(2, {"train/loss": 0.25})
+    writer.close()
+    assert writers.read_metrics(tmp_path) == [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25}]
 
 
 @pytest.mark.slow
