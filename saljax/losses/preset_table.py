@@ -68,7 +68,7 @@ def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: 
     weight = options.pop("alpha", row["alpha"]) if "alpha" in row else options.pop("lam", row.get("lam"))
     if "alpha" in row and not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
-    if "alpha" not in row and weight is not None and not (isinstance(weight, numbers.Real) and 0.0 <= weight < math.inf):
+    if "alpha" not in row and weight is not None and not (isinstance(weight, numbers.Real) and 0.0 <= float(weight) < math.inf):
         raise ValueError(f"lam must be a finite number >= 0; got {weight!r}")
     transform = None
     if "transform" in row:
