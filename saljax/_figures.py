@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from saljax.workdir import atomic_write
 
 
 def figure(width: float, height: float):
@@ -13,6 +17,12 @@ def figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def save(fig, path: str | os.PathLike[str]) -> None:
+    """Writes `fig` as a PNG, atomically (`saljax.workdir.atomic_write`): a failed draw keeps the old file."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:

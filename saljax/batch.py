@@ -132,4 +132,4 @@ def validate_batch(batch: Batch, num_classes: int | None = None) -> None:
         if not np.all((has_map == 0) | (has_map == 1)):
             problems.append(f"batch['has_map'] must hold 0/1 or booleans; got {np.unique(has_map).tolist()}")
     if problems:
-        raise ValueError("invalid batch:\n  " + "\n  ".join(problems))
+        raise ValueError("invalid batch: " + "; ".join(problems))

@@ -274,7 +274,7 @@ class Checkpointer:
             if errors:
                 log.warning("restored checkpoint %d instead", candidate)
             return candidate, state
-        raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
+        raise CheckpointError(f"no checkpoint could be restored ({len(errors)} tried): " + "; ".join(errors))
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

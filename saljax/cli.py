@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from saljax import __version__, demo, experiment, explain, train
 from saljax import config as config_lib
@@ -26,6 +26,13 @@ from saljax import workdir as workdir_lib
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # Errors that mean bad input: a one-line message and exit code 2.
 _INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, workdir_lib.CheckpointError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with exit code 2, pointing to --help instead of printing the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class _DropNoise(logging.Filter):
@@ -114,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the command is not reset by the command's own parser.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error (also SALJAX_DEBUG=1)")
     common.add_argument("--verbosity", choices=sorted(_LEVELS), default=argparse.SUPPRESS,
@@ -123,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=argparse.SUPPRESS, help="--verbosity debug")
     common.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="warning",
                         default=argparse.SUPPRESS, help="--verbosity warning")
-    parser = argparse.ArgumentParser(prog="saljax", description="Saliency-guided training in JAX/Flax.", parents=[common])
+    parser = _Parser(prog="saljax", description="Saliency-guided training in JAX/Flax.", parents=[common])
     parser.add_argument("--version", action="version", version=f"saljax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     dm = sub.add_parser("demo", parents=[common], help="train CE vs GradMask on a generated decoy set and print a table")
@@ -157,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     args.argv = argv
     debug = getattr(args, "debug", False) or os.environ.get("SALJAX_DEBUG", "") not in ("", "0")
+    args.debug = debug  # commands that report their own errors re-raise them with it
     _setup_logging(getattr(args, "verbosity", "info"))
     prog = f"saljax {args.command}"
     if getattr(args, "steps", 1) < 1:

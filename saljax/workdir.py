@@ -11,10 +11,13 @@ This module reads and writes only plain files; `saljax.checkpoint` handles the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import ml_collections
 
@@ -24,6 +27,7 @@ __all__ = [
     "METRICS_FILE",
     "CheckpointError",
     "NonFiniteError",
+    "atomic_write",
     "check_writable",
     "config_changes",
     "load_config",
@@ -70,15 +74,65 @@ def check_writable(directory: str | os.PathLike[str]) -> str:
     return path
 
 
-def save_config(directory: str | os.PathLike[str], config: Any) -> None:
-    """Writes the training config as JSON (`config.json`), atomically (a temporary file renamed)."""
-    directory = os.fspath(directory)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _remove_orphans(directory: str, name: str) -> None:
+    """Removes the temporary files `atomic_write` left for `name` in processes that were killed."""
+    if os.name != "posix":  # os.kill(pid, 0) asks about a process only on POSIX
+        return
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, entry))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Opens a temporary file beside `path` for writing; it replaces `path` only when the block completes.
+
+    Every file saljax rewrites in place goes through here (config.json, results pages and their JSON,
+    explanation reports, figures): an exception inside the block, or a process killed during it,
+    leaves the previous `path` as it was. The temporary file (`.<name>.<pid>.<random>.tmp`, same
+    directory, so the final rename is atomic) is removed on an exception, and by the next write of
+    `path` when its process was killed. The new file keeps the permissions of the one it replaces
+    (0644 for a new one). Example::
+
+        with atomic_write("out/report.md", encoding="utf-8") as f:
+            f.write(text)
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
+    _remove_orphans(directory, name)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_config(directory: str | os.PathLike[str], config: Any) -> None:
+    """Writes the training config as JSON (`config.json`), atomically (`atomic_write`)."""
     text = config.to_json(indent=2, sort_keys=True) if hasattr(config, "to_json") else json.dumps(config, indent=2)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(os.path.join(os.fspath(directory), CONFIG_FILE)) as f:
         f.write(text)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
 
 
 def config_changes(old: Any, new: Any) -> list[str]:

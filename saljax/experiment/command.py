@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import jax
 from absl import logging as absl_logging
 
+from saljax import config as config_lib
+from saljax import train
 from saljax import workdir as workdir_lib
 from saljax.experiment.figures import plot_curves, plot_overlays
 from saljax.experiment.report import provenance, render_markdown
@@ -41,6 +43,8 @@ def run(args, argv: Sequence[str]) -> int:
     wanted = args.methods or (suite.quick_methods if args.quick else None)
     methods = check_selection(suite, wanted, seeds)  # before any directory or cache is touched
     overrides = [*(suite.quick if args.quick else ()), *args.overrides]
+    for method in methods:  # every run's config and loss options too
+        train.check_config(config_lib.load(f"{config_path}:{method}", [*overrides, "progress=False"]))
     name = suite.name + ("-quick" if args.quick else "")
     workdir = os.path.abspath(args.workdir or os.path.join("runs", "experiments", name))
     if args.out:
@@ -76,10 +80,11 @@ def run(args, argv: Sequence[str]) -> int:
         "runs": results,
     }
     md = render_markdown(suite, report)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
+    text = json.dumps(report, indent=1, default=float)  # before either file changes: the pair stays consistent
+    with workdir_lib.atomic_write(os.path.join(out, f"{name}.md")) as f:
         f.write(md)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
+    with workdir_lib.atomic_write(os.path.join(out, f"{name}.json")) as f:
+        f.write(text)
     print()
     print(md.split("## Runs")[0].rstrip())
     print(f"\nwrote {os.path.join(out, name + '.md')}")
@@ -103,8 +108,12 @@ def main(args) -> int:
     try:
         return run(args, args.argv)
     except (FileNotFoundError, ValueError) as error:
+        if getattr(args, "debug", False):
+            raise
         print(f"saljax experiment: {error}", file=sys.stderr)
         return 2
     except workdir_lib.NonFiniteError as error:
+        if getattr(args, "debug", False):
+            raise
         print(f"saljax experiment: {error}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from PIL import Image
 from saljax import _figures, data, explain, train
 from saljax.experiment.runner import run_dir
 from saljax.experiment.suite import Suite
+from saljax.workdir import atomic_write
 from saljax.writers import read_metrics
 
 OVERLAY_MAPS = ("gradient", "grad_cam")
@@ -73,7 +74,8 @@ def _save_small_png(fig, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     buffer.seek(0)
-    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
+    with atomic_write(path, "wb") as f:
+        Image.open(buffer).convert("RGB").quantize(256).save(f, format="PNG", optimize=True)
 
 
 def plot_curves(suite: Suite, workdir: str, results: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> str:
@@ -104,5 +106,5 @@ def plot_curves(suite: Suite, workdir: str, results: Mapping[str, Sequence[Mappi
         ax.grid(alpha=0.3)
     ax_eval.legend(fontsize=7)
     fig.suptitle(f"{suite.name}: mean over seeds, band = min..max", fontsize=9)
-    fig.savefig(path)
+    _figures.save(fig, path)
     return path

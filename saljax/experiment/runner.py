@@ -49,11 +49,9 @@ def run_dir(workdir: str, method: str, seed: int) -> str:
 
 
 def _write_result(path: str, result: Mapping[str, Any]) -> None:
-    # Written beside and renamed: an interrupted write never leaves a half result that looks finished.
-    tmp = os.path.join(path, RESULT_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    # Atomic: an interrupted write never leaves a half result that looks finished.
+    with workdir_lib.atomic_write(os.path.join(path, RESULT_FILE)) as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(path, RESULT_FILE))
 
 
 def _read_result(path: str) -> dict[str, Any] | None:

@@ -116,12 +116,28 @@ def main(args: argparse.Namespace) -> int:
     dataset or split, methods the model does not support, missing maps).
     """
     prog = "saljax explain"
+    try:  # the options first: nothing is loaded or built for a run that would refuse them
+        ExplainConfig(methods=args.methods, batch_size=args.batch_size, ig_steps=args.ig_steps,
+                      smoothgrad_samples=args.smoothgrad_samples, smoothgrad_stdevs=args.smoothgrad_stdevs,
+                      top_q=args.top_q, map_metrics=not args.no_map_metrics, seed=args.seed)
+        if args.num_images < 0:
+            raise ValueError(f"--num-images must be >= 0; got {args.num_images}")
+        unknown = [m.strip() for m in (args.methods or "").split(",") if m.strip() and m.strip() not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown explanation method(s) {unknown}; expected some of {METHODS}")
+    except ValueError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
     if not os.path.isdir(args.checkpoint):
         print(f"{prog}: checkpoint directory {args.checkpoint!r} does not exist", file=sys.stderr)
         return 2
     try:
         model, train_config, step = train.load_model(args.checkpoint, with_step=True)
     except (workdir_lib.CheckpointError, FileNotFoundError, ValueError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"{prog}: cannot load a model from {args.checkpoint!r}: {err}", file=sys.stderr)
         return 2
     try:
@@ -156,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
             source=f"{args.checkpoint}, step {step} ({_checkpoint_kind(train_config)})",
         )
     except ValueError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     print(f"{prog}: {summary['num_images']} images of {name}:{split} ({summary['num_with_map']} with a map)")

@@ -25,6 +25,7 @@ from saljax.explain.settings import (
     ExplainResults,
     Selected,
 )
+from saljax.workdir import atomic_write
 
 _DEFAULTS = ExplainConfig()  # run()'s keyword defaults are the config's
 
@@ -95,7 +96,7 @@ def _plot_selected(item: Selected, results: ExplainResults, path: str) -> None:
         f"group {item.group}",
         fontsize=10,
     )
-    fig.savefig(path)
+    _figures.save(fig, path)
 
 
 def _plot_summary(results: ExplainResults, path: str) -> None:
@@ -128,7 +129,7 @@ def _plot_summary(results: ExplainResults, path: str) -> None:
         ax.set_xticks(range(1, len(methods) + 1), labels, fontsize=7)
         ax.set_title(METRIC_TITLES[name], fontsize=10)
     fig.suptitle(f"{results.split}: agreement of each explanation with the human maps", fontsize=11)
-    fig.savefig(path)
+    _figures.save(fig, path)
 
 
 def format_stats(stats: Mapping[str, float | int], digits: int = 3) -> str:
@@ -308,11 +309,11 @@ def write_report(
     lines += _ranking_table(results.least, results, links)
     lines.append("")
     report_path = os.path.join(out_dir, "report.md")
-    with open(report_path, "w", encoding="utf-8") as f:
+    with atomic_write(report_path, encoding="utf-8") as f:
         f.write("\n".join(lines))
 
     metrics_path = os.path.join(out_dir, "metrics.json")
-    with open(metrics_path, "w", encoding="utf-8") as f:
+    with atomic_write(metrics_path, encoding="utf-8") as f:
         json.dump(
             _json_ready(
                 {
@@ -334,7 +335,7 @@ def write_report(
             indent=2,
         )
     csv_path = os.path.join(out_dir, "per_image.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(csv_path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         keys = list(per_image)
         writer.writerow(keys)

@@ -11,6 +11,8 @@ applies before its pass (`transform_of: "loss"`) or that the penalty applies to 
 (`transform_of: "term"`).
 """
 
+import math
+import numbers
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -70,6 +72,8 @@ def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: 
     weight = options.pop("alpha", row["alpha"]) if "alpha" in row else options.pop("lam", row.get("lam"))
     if "alpha" in row and not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
+    if "alpha" not in row and weight is not None and not (isinstance(weight, numbers.Real) and 0.0 <= float(weight) < math.inf):
+        raise ValueError(f"lam must be a finite number >= 0; got {weight!r}")
     transform = None
     if "transform" in row:
         transform = partial(transforms[row["transform"]], **options)

@@ -84,9 +84,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(f"model.kwargs {unknown} are not arguments of model {m.name!r}; it takes {sorted(accepted or ())}")
     try:
-        jnp.dtype(m.dtype)
+        floating = jnp.issubdtype(jnp.dtype(m.dtype), jnp.floating)
     except TypeError:
-        raise ValueError(f"model.dtype must name a floating dtype (float32, bfloat16, ...); got {m.dtype!r}") from None
+        floating = False
+    if not floating:
+        raise ValueError(f"model.dtype must name a floating dtype (float32, bfloat16, ...); got {m.dtype!r}")
     ds = config.dataset
     if ds.name not in data.DATASET_NAMES:
         raise ValueError(f"dataset.name must be one of {' | '.join(data.DATASET_NAMES)}; got {ds.name!r}")

@@ -56,7 +56,9 @@ def load_model(directory: str | os.PathLike[str], *, step: int | str = "best", w
         except checkpoint.CheckpointError as error:
             if wanted is None:
                 raise
-            _log.warning("%s; using the newest readable checkpoint instead", str(error).splitlines()[-1].strip())
+            # the checkpointer has logged why it cannot be read
+            _log.warning("checkpoint %d of %s cannot be read (%s); using the newest readable checkpoint instead", wanted,
+                         directory, type(error).__name__)
             used, state = checkpointer.restore(target)
             _log.warning("loaded checkpoint %d of %s instead of the requested %s (%d)", used, directory, step, wanted)
         else:

@@ -1,4 +1,4 @@
-"""Tests of the ``saliency_folder`` builder: a PNG folder round trip and rejection of bad input."""
+"""Tests of the ``saliency_folder`` builder: a PNG folder round trip (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from saljax.data.saliency_folder import FolderDatasetError
 
 import saljax.data as sd
 
@@ -157,108 +156,3 @@ def test_absolute_csv_path_needs_no_manual_dir(folder: Path, tmp_path: Path) -> 
         image_size=8,
     )
     assert builder.info.splits["train"].num_examples == 5
-
-
-# --- bad input ------------------------------------------------------------------------------
-
-
-def assert_nothing_left(data_dir: Path) -> None:
-    leftovers = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
-    assert not leftovers, leftovers
-
-
-def build_folder(folder: Path, data_dir: Path, **overrides) -> tfds.core.DatasetBuilder:
-    return sd.build(
-        "saliency_folder",
-        data_dir,
-        manual_dir=folder,
-        **{"class_names": CLASSES, "image_size": 8, **overrides},
-    )
-
-
-def test_bad_rows_are_all_listed_and_nothing_is_written(folder: Path, tmp_path: Path) -> None:
-    (folder / "img" / "broken.png").write_bytes(b"not a png at all")
-    write_map(folder / "maps" / "wide.png", 40, 10, (0.2, 0.2, 0.6, 0.6))  # a.png is 64x48
-    write_csv(
-        folder / "saliency.csv",
-        "image,label,map,group,split",
-        [
-            "img/a.png,cat,maps/a.png,0,train",  # row 2: fine
-            "img/missing.png,cat,,0,train",  # row 3
-            "img/broken.png,dog,,0,train",  # row 4
-            "img/b.png,bird,maps/b.png,0,train",  # row 5
-            "img/a.png,dog,maps/wide.png,0,train",  # row 6
-            "img/c.png,cat,maps/nowhere.png,0,train",  # row 7
-            "img/d.png,dog,,-3,train",  # row 8
-            "img/e.png,cat,,0,tr ain",  # row 9
-            "img/f.png,dog,,0,train",  # row 10: fine
-        ],
-    )
-    data_dir = tmp_path / "data"
-    with pytest.raises(FolderDatasetError) as info:
-        build_folder(folder, data_dir)
-    error = info.value
-    assert isinstance(error, ValueError)
-    rows = [p.row for p in error.problems]
-    assert rows == [3, 4, 5, 6, 7, 8, 9]
-    message = str(error)
-    for row, needle in [
-        (3, "missing.png: image file not found"),
-        (4, "broken.png: image file unreadable"),
-        (5, "label 'bird' is not one of the declared class_names"),
-        (6, "wide.png: map is 40x10"),
-        (7, "nowhere.png: map file not found"),
-        (8, "group '-3'"),
-        (9, "split 'tr ain'"),
-    ]:
-        assert f"row {row}: " in message and needle in message, needle
-    assert "row 2:" not in message and "row 10:" not in message
-    assert_nothing_left(data_dir)
-
-
-@pytest.mark.parametrize(
-    "content, needle",
-    [
-        ("", "the CSV is empty"),
-        ("image,label,map\n", "no data rows"),
-        ("image,map\nimg/a.png,maps/a.png\n", "missing required column(s) label"),
-        ("path,class\nimg/a.png,cat\n", "missing required column(s) image, label"),
-    ],
-)
-def test_bad_csv_structure(folder: Path, tmp_path: Path, content: str, needle: str) -> None:
-    (folder / "saliency.csv").write_text(content)
-    data_dir = tmp_path / "data"
-    with pytest.raises(FolderDatasetError, match="problem") as info:
-        build_folder(folder, data_dir)
-    assert needle in str(info.value)
-    assert_nothing_left(data_dir)
-
-
-def test_missing_csv_and_manual_dir(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "other.txt").write_text("x")
-    with pytest.raises(FolderDatasetError, match="CSV file not found"):
-        build_folder(empty, data_dir)
-    assert_nothing_left(data_dir)
-    with pytest.raises(FolderDatasetError, match="needs a manual_dir"):
-        sd.build("saliency_folder", data_dir, class_names=CLASSES, image_size=8)
-    assert_nothing_left(data_dir)
-
-
-def test_failed_build_keeps_other_datasets(folder: Path, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    good = build_folder(folder, data_dir)
-    (folder / "saliency.csv").write_text("image,label\nimg/a.png,bird\n")
-    with pytest.raises(FolderDatasetError, match="row 2"):
-        build_folder(folder, data_dir, image_size=9)
-    assert good.data_path.exists()
-    configs = sorted(
-        p.name for p in (data_dir / "saliency_folder").iterdir() if not p.name.startswith(".")
-    )
-    assert configs == [good.builder_config.name]
-    # A later build with the fixed CSV succeeds (nothing half-built blocks it).
-    (folder / "saliency.csv").write_text("image,label\nimg/a.png,dog\n")
-    fixed = build_folder(folder, data_dir, image_size=9)
-    assert fixed.info.splits["train"].num_examples == 1

@@ -47,37 +47,6 @@ def test_every_suite_config_defines_its_methods_and_targets():
     assert {"test_closed", "test_open"} <= set(binary.splits)
 
 
-def test_unknown_suite_and_method_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no suite named 'nope'"):
-        experiment.find_config("nope")
-    single = tmp_path / "single.py"
-    single.write_text("def get_config(arg=None):\n    return None\n")
-    with pytest.raises(ValueError, match="has no get_suite"):
-        experiment.load_suite(str(single))
-    path = os.path.join(ROOT, "experiments", "configs", "decoy_digits.py")
-    with pytest.raises(ValueError, match=r"--methods \['dd_paired'\] not in suite 'decoy_digits'"):
-        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=1, methods=["dd_paired"])
-    with pytest.raises(ValueError, match="--seeds must be >= 1"):
-        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=0)
-
-
-def test_seeds_zero_on_the_command_line_is_an_error(tmp_path, capsys):
-    from saljax import cli
-
-    assert cli.main(["experiment", "decoy_digits", "--seeds", "0", "--workdir", str(tmp_path), "--out", str(tmp_path)]) == 2
-    assert "--seeds must be >= 1; got 0" in capsys.readouterr().err
-
-
-def test_a_run_of_another_config_is_not_resumed(tmp_path):
-    from saljax import checkpoint, config
-
-    path = os.path.join(ROOT, "experiments", "configs", "decoy_digits.py")
-    other = config.load(f"{path}:ce", ["seed=0", "progress=False", "num_steps=7"])
-    checkpoint.save_config(experiment.run_dir(str(tmp_path), "ce", 0), other)
-    with pytest.raises(ValueError, match=r"seed0 holds a run of another config \(differing fields: num_steps\)"):
-        experiment.run_suite(path, experiment.load_suite(path), str(tmp_path), seeds=1, methods=["ce"])
-
-
 def _check_page(md_path, min_seeds):
     """The page parses, its cells are the statistics of the runs in the JSON beside it."""
     with open(md_path) as f:

@@ -431,15 +431,6 @@ def test_add_arguments_declares_the_options():
     assert not args.no_map_metrics
 
 
-def test_main_reports_a_missing_checkpoint_directory(tmp_path, capsys):
-    missing = tmp_path / "no_such_run"
-    args = parser().parse_args(["--checkpoint", str(missing), "--out", str(tmp_path / "out")])
-    assert explain.main(args) == 2
-    err = capsys.readouterr().err
-    assert f"checkpoint directory '{missing}' does not exist" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_explain_command_on_a_trained_checkpoint(tmp_path, capsys):
     """`saljax train` then `saljax explain` on its work directory, through the real CLI."""
     from saljax import cli

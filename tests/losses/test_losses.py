@@ -9,7 +9,6 @@ import pytest
 from conftest import conv_classifier, conv_features, gap_dense_head, linear_classifier, make_batch, make_conv_params
 from flax import nnx
 
-from saljax import batch as batch_lib
 from saljax import classifier, losses
 
 B, H, W, C = 4, 5, 5, 2
@@ -330,78 +329,3 @@ def test_for_method_builds_every_method():
         assert np.isfinite(value), method
     cyborg = losses.for_method("cyborg", alpha=0.25)
     assert [(t.name, t.weight) for t in cyborg.terms] == [("ce", 0.25), ("cyborg", 0.75)]
-
-
-# --- bad input ---------------------------------------------------------------------------------------------
-
-
-def _bad(batch, **changes):
-    return dict(batch, **changes)
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"saliency_map": jnp.ones((4, 6, 6, 1))}, r"batch\['saliency_map'\] must have shape \(B, H, W\)"),
-    ({"saliency_map": jnp.ones((4, 5, 6))}, r"batch\['saliency_map'\] must have shape \(4, 6, 6\)"),
-    ({"saliency_map": jnp.ones((3, 6, 6))}, r"batch\['saliency_map'\] has 3 maps but batch\['image'\] has 4"),
-    ({"label": jnp.zeros((3,), jnp.int32)}, r"batch\['label'\] must have shape \(B,\) = \(4,\)"),
-    ({"label": jnp.zeros((4,), jnp.float32)}, r"batch\['label'\] must hold integer class indices"),
-    ({"has_map": jnp.ones((5,))}, r"batch\['has_map'\] must have shape \(B,\) = \(4,\)"),
-    ({"image": jnp.ones((4, 6, 6))}, r"batch\['image'\] must have shape \(B, H, W, C\)"),
-])
-def test_shape_errors_name_the_key(change, message):
-    params = make_conv_params(jax.random.key(0))
-    batch = _bad(make_batch(jax.random.key(1), h=6, w=6), **change)
-    with pytest.raises(ValueError, match=message):
-        jax.jit(lambda p, b: losses.for_method("gradmask")(conv_classifier(p), b))(params, batch)
-
-
-def test_missing_map_and_non_binary_head():
-    params = make_conv_params(jax.random.key(0))
-    batch = make_batch(jax.random.key(1))
-    no_map = {k: v for k, v in batch.items() if k != "saliency_map"}
-    with pytest.raises(ValueError, match="batch has no 'saliency_map' entry"):
-        losses.for_method("cyborg")(conv_classifier(params), no_map)
-    losses.for_method("ce")(conv_classifier(params), no_map)  # CE alone needs no map
-    three = make_conv_params(jax.random.key(0), num_classes=3)
-    for method in ("dd_difference", "dd_paired", "dd_divergence"):
-        with pytest.raises(ValueError, match=rf"{method} needs a binary head: logits of shape \(B, 2\); got \(4, 3\)"):
-            losses.for_method(method)(conv_classifier(three), make_batch(jax.random.key(1), num_classes=3))
-
-
-def test_bad_options():
-    with pytest.raises(ValueError, match="variant must be one of"):
-        losses.gradmask(variant="v2")
-    with pytest.raises(ValueError, match="norm must be one of"):
-        losses.gradmask(norm="l3")
-    with pytest.raises(ValueError, match="cam_class must be one of"):
-        losses.cyborg(cam_class="false")
-    with pytest.raises(ValueError, match="delta must lie in"):
-        losses.dd_divergence(delta=2.0)
-    with pytest.raises(ValueError, match="method must be one of"):
-        losses.for_method("gradcam")
-    with pytest.raises(ValueError, match="two terms are named 'ce'"):
-        losses.combine(losses.cross_entropy(), losses.cross_entropy())(conv_classifier(make_conv_params(jax.random.key(0))), make_batch(jax.random.key(1)))
-    with pytest.raises(TypeError, match="combine takes Terms"):
-        losses.combine(losses.cross_entropy)
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"saliency_map": np.full((4, 6, 6), 1.5, np.float32)}, r"batch\['saliency_map'\] must hold finite values in \[0, 1\]; samples \[0, 1, 2, 3\]"),
-    ({"label": np.array([0, 1, 2, 1])}, r"batch\['label'\] must lie in \[0, 2\); samples \[2\] have labels \[2\]"),
-    ({"image": np.where(np.arange(4)[:, None, None, None] == 1, np.nan, np.zeros((4, 6, 6, 1)))}, r"batch\['image'\] holds NaN or inf values \(samples \[1\]\)"),
-    ({"has_map": np.array([0, 2, 1, 1])}, r"batch\['has_map'\] must hold 0/1"),
-])
-def test_validate_batch_names_the_bad_values(change, message):
-    batch = {k: np.asarray(v) for k, v in make_batch(jax.random.key(1), h=6, w=6).items()}
-    batch_lib.validate_batch(batch, num_classes=2)  # the unchanged batch is fine
-    with pytest.raises(ValueError, match=message):
-        batch_lib.validate_batch(_bad(batch, **change), num_classes=2)
-
-
-def test_validate_batch_refuses_an_empty_batch_and_negative_labels_without_num_classes():
-    empty = {"image": np.zeros((0, 4, 4, 1), np.float32), "label": np.zeros((0,), np.int32)}
-    with pytest.raises(ValueError, match=r"it holds no samples"):
-        batch_lib.validate_batch(empty)
-    batch = {"image": np.zeros((2, 4, 4, 1), np.float32), "label": np.array([0, -1])}
-    with pytest.raises(ValueError, match=r"batch\['label'\] must be >= 0; samples \[1\] have labels \[-1\]"):
-        batch_lib.validate_batch(batch)
