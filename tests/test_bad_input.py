@@ -469,7 +469,7 @@ TRAIN_CONFIG_CASES = [
     ("checkpoint.keep_best=-1", "checkpoint.keep_best must be an integer >= 0; got -1"),
     ("checkpoint.best_mode='up'", "checkpoint.best_mode must be max | min; got 'up'"),
     ("checkpoint.best_metric='train/accuracy'", "checkpoint.best_metric must be <split>/<metric>"),
-    ("model.name='vgg'", "model.name must be one of simple_cnn"),
+    ("model.name='vgg'", "model.name must be one of mlp | resnet18 | resnet50 | simple_cnn | xil_cnn"),
     ("model.dtype='int8'", "model.dtype must name a floating dtype (float32, bfloat16, ...); got 'int8'"),
     ("model.kwargs.widht=3", "model.kwargs ['widht'] are not arguments of model 'simple_cnn'"),
     ("model.kwargs.in_channels=3", "model.kwargs ['in_channels'] are set by saljax"),
