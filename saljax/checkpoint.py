@@ -200,6 +200,29 @@ class Checkpointer:
             items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
+    def _restore_state(self, step: int, abstract: Any, data_iterator: Any) -> Any:
+        """Checkpoint `step` in the structure of `abstract` (and the iterator position, in place)."""
+
+        def restore(item: Any) -> Any:
+            items: dict[str, Any] = {"state": ocp.args.StandardRestore(item)}
+            if data_iterator is not None:
+                items["data"] = _data_item(IteratorCheckpointRestore, data_iterator)
+            return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+        try:
+            return restore(abstract)
+        except ValueError as error:
+            # A checkpoint written before a NamedTuple field existed (TrainState.loss_state) lacks it:
+            # when the target's value of that field is None, read the others and keep None.
+            fields = getattr(abstract, "_fields", ())
+            present = {f: getattr(abstract, f) for f in fields if getattr(abstract, f) is not None}
+            if "do not match" not in str(error) or len(present) == len(fields):
+                raise
+            try:
+                return abstract._replace(**restore(present))
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                raise error from None
+
     def steps(self) -> list[int]:
         """The complete checkpoints on disk, oldest first."""
         self._manager.reload()
@@ -254,12 +277,8 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         errors = []
         for candidate in candidates:
-            items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
-            if data_iterator is not None:
-                items["data"] = _data_item(IteratorCheckpointRestore, data_iterator)
             try:
-                restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
-                state = restored["state"]
+                state = self._restore_state(candidate, abstract, data_iterator)
                 bad = non_finite_leaves(state)
                 if bad:
                     raise CheckpointError(f"non-finite values in {', '.join(bad[:5])}")
