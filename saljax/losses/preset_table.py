@@ -64,7 +64,8 @@ def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: 
     row = PRESETS[method]
     options = dict(options)
     weight = options.pop("alpha", row["alpha"]) if "alpha" in row else options.pop("lam", row.get("lam"))
-    if "alpha" in row and not 0.0 <= weight <= 1.0:
+    # A weight that is not a Python number (a traced value, swept in one program) was checked before tracing.
+    if "alpha" in row and isinstance(weight, (int, float)) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
     transform = None
     if "transform" in row:
