@@ -69,7 +69,8 @@ def run(args, argv: Sequence[str]) -> int:
     swept = f" x loss.{sweep.option} in {list(sweep.values)}" if sweep else ""
     print(f"saljax experiment {suite.name}: {len(methods)} methods x {seeds} seeds{swept} in {workdir}", flush=True)
     results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=methods,
-                        log=lambda s: print(s, flush=True), vmap=not args.no_vmap, sweep=sweep)
+                        log=lambda s: print(s, flush=True), vmap=not args.no_vmap, form=args.vmap_form,
+                        sweep=sweep)
     table = aggregate(suite, results)
     means = {m: {k: s["mean"] for k, s in row.items()} for m, row in table.items()}
     figures = []
@@ -110,6 +111,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-vmap", action="store_true",
                         help="train runs one after another (default: the seeds of a method train as one vmapped"
                              " program when they share model and data shapes)")
+    parser.add_argument("--vmap-form", default="auto", choices=("auto", "vmap", "map"),
+                        help="how the one program steps its runs: vmap (batched), map (one after another inside it),"
+                             " auto (default: map on CPU, vmap elsewhere)")
     parser.add_argument("--sweep", default=None, metavar="loss.OPTION=V1,V2,...",
                         help="also sweep one numeric loss option, e.g. loss.lam=1,10,100: each method that takes it"
                              " trains once per value (rows <method>@lam=<value>, vmapped with the seeds); page and"

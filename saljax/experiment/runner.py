@@ -129,6 +129,7 @@ def run_suite(
     methods: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     vmap: bool = True,
+    form: str = "auto",
     sweep: Sweep | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Trains every method of `suite` for seeds 0..seeds-1; returns row -> per-seed results.
@@ -136,8 +137,8 @@ def run_suite(
     Each result is `{"seed", "metrics": {split/metric: value}, "wall_s", "config"}`, also written
     to the run's `result.json`. A run that finished with the same config is not trained again.
     With `vmap`, the unfinished runs of a method (its seeds, and its `sweep` values) train as one
-    vmapped program (`saljax.train.train_many`; each `wall_s` is then the program's time divided
-    among its runs); without, one after another, seed-major. With a `sweep`, each method that
+    vmapped program (`saljax.train.train_many`, stepping its runs as `form` says; each `wall_s` is
+    then the program's time divided among its runs); without, one after another, seed-major. With a `sweep`, each method that
     takes the option trains once per value, as rows `<method>@<option>=<value>`; the others once.
     """
     methods = check_selection(suite, methods, seeds)
@@ -171,7 +172,7 @@ def run_suite(
         if not todo:
             continue
         start = time.perf_counter()
-        trained = train.train_many([t[2] for t in todo], [t[3] for t in todo], vmap=vmap,
+        trained = train.train_many([t[2] for t in todo], [t[3] for t in todo], vmap=vmap, form=form,
                                    log=lambda m: log(f"  {m}") if m.startswith("training ") else None)
         wall_s = (time.perf_counter() - start) / len(todo)
         for (row, seed, cfg, path), metrics in zip(todo, trained, strict=True):

@@ -15,7 +15,7 @@ optimizers and schedules of a config), `from_config` (config checks, model from 
 
 from saljax.train.from_config import check_config, fill_from_dataset, init_from_config, make_loss
 from saljax.train.loop import train_and_evaluate
-from saljax.train.many import stacking, train_many
+from saljax.train.many import make_many_eval_step, make_many_train_step, stacking, train_many
 from saljax.train.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from saljax.train.restore import load_model
 from saljax.train.state import ModelDef, TrainState, init_train_state, merge
@@ -34,6 +34,8 @@ __all__ = [
     "load_model",
     "make_eval_step",
     "make_loss",
+    "make_many_eval_step",
+    "make_many_train_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",

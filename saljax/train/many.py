@@ -4,12 +4,17 @@
 
 Runs that differ only in `seed` and in at most one numeric `loss` option (e.g. `loss.lam`) share
 the model's shapes, the data's shapes and every setting of the loop, so their states stack along
-a leading axis and `jax.vmap` steps them all in one jit-compiled program: parameters, optimizer
+a leading axis and one jit-compiled program steps them all: parameters, optimizer
 state, BatchNorm statistics, the PRNG key of the loss and the data order are per run (each run
 reads the batches its own `saljax train` would read), and so is the loss option's value. The
 training loop is `saljax.train.loop`'s, so each run's work directory gets the checkpoints (with
 the data iterator's position), best-checkpoint choice, `config.json` and metrics a separate run
 writes, and a run can be resumed, inspected or explained alone.
+
+The program batches the runs with `jax.vmap` (form "vmap": what fills an accelerator) or steps
+them one after another inside itself with `jax.lax.map` (form "map": each run with a single run's
+kernels; the default on CPU, where XLA's batched convolutions and matmuls were slower than one
+run's, see benchmarks/MANY_SEEDS.md).
 
 Runs that cannot stack (other differences, several processes, a loss whose option is not a
 traceable number) train one after another with `train_and_evaluate`, with the reason logged. A
@@ -18,6 +23,7 @@ group whose runs were stopped at different checkpoints resumes as sub-groups, on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,21 +34,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saljax import losses, parallel
 from saljax.train import loop
 from saljax.train.from_config import make_loss
 from saljax.train.optimizer import make_optimizer
-from saljax.train.state import TrainState
+from saljax.train.state import ModelDef, TrainState
 from saljax.train.steps import eval_step_fn, train_step_fn
 
-__all__ = ["StackedProgram", "stacking", "train_many"]
+__all__ = ["FORMS", "StackedProgram", "make_many_eval_step", "make_many_train_step", "stacking", "train_many"]
 
 _log = logging.getLogger("saljax.train")
 
 Batch = loop.Batch
 # Errors of a loss built or applied with a traced option value: the option must then be a Python number.
+#: How a program steps its runs: "vmap" batched, "map" one after another inside the program, "auto" by backend.
+FORMS = ("auto", "vmap", "map")
 _TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
                  jax.errors.TracerArrayConversionError, TypeError)
 
@@ -103,8 +112,78 @@ def _float_dtype(tree: Any) -> Any:
     return jnp.result_type(leaves[0]) if leaves else jnp.float32
 
 
+def _train(model_def: ModelDef, loss_at: Callable[[jax.Array], losses.Loss], optimizer: optax.GradientTransformation,
+           state: TrainState, batch: Batch, key: jax.Array, value: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    return train_step_fn(model_def, loss_at(value), optimizer, state, batch, key)
+
+
+def _eval(model_def: ModelDef, loss_at: Callable[[jax.Array], losses.Loss], state: TrainState, batch: Batch,
+          key: jax.Array, value: jax.Array) -> dict[str, jax.Array]:
+    return eval_step_fn(model_def, loss_at(value), state, batch, key)
+
+
+def _resolve_form(form: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {' | '.join(FORMS)}; got {form!r}")
+    if form == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return form
+
+
+def _over_runs(fn: Callable[..., Any], form: str, in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+    """`fn` applied to every run: `jax.vmap` (batched), or `jax.lax.map` (one run after another in the program)."""
+    if _resolve_form(form) == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args: Any) -> Any:
+        shared = [a if axis is None else None for a, axis in zip(args, in_axes, strict=True)]
+        per_run = tuple(a for a, axis in zip(args, in_axes, strict=True) if axis is not None)
+
+        def one(xs: tuple[Any, ...]) -> Any:
+            it = iter(xs)
+            return fn(*[next(it) if axis is not None else a for a, axis in zip(shared, in_axes, strict=True)])
+
+        return jax.lax.map(one, per_run)
+
+    return mapped
+
+
+def make_many_train_step(
+    model_def: ModelDef, loss_at: Callable[[jax.Array], losses.Loss], optimizer: optax.GradientTransformation, *,
+    mesh: Mesh | None = None, form: str = "vmap",
+) -> Callable[[TrainState, Batch, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`make_train_step` for R runs at once: `(states, batches, keys, values) -> (new_states, metrics)`.
+
+    `states` are R `TrainState`s stacked along a leading axis, `batches` (R, B, ...) one batch per
+    run, `keys` (R,) each run's PRNG key (`jax.random.key(seed)`) and `values` (R,) the value each
+    run's loss is built with, `loss_at(value)` (ignored by a `loss_at` that builds one loss);
+    every metric gets a leading axis R. One jit-compiled program (the states are donated); with a
+    `mesh`, each run's batch is split over its "data" axis. `form` (see `FORMS`): "vmap" batches
+    the runs' operations (`jax.vmap`), "map" runs them one after another inside the program
+    (`jax.lax.map`: each run with the kernels of a single run), "auto" picks "map" on CPU and
+    "vmap" elsewhere.
+    """
+    step = _over_runs(functools.partial(_train, model_def, loss_at, optimizer), form, (0, 0, 0, 0))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    rep = parallel.replicated(mesh)
+    return jax.jit(step, donate_argnums=0, out_shardings=rep,
+                   in_shardings=(rep, NamedSharding(mesh, PartitionSpec(None, "data")), rep, rep))
+
+
+def make_many_eval_step(
+    model_def: ModelDef, loss_at: Callable[[jax.Array], losses.Loss], *, mesh: Mesh | None = None, form: str = "vmap",
+) -> Callable[[TrainState, Batch, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """`make_eval_step` for R stacked runs on one shared batch: `(states, batch, keys, values) -> outputs (R, B, ...)`."""
+    step = _over_runs(functools.partial(_eval, model_def, loss_at), form, (0, None, 0, 0))
+    if mesh is None:
+        return jax.jit(step)
+    rep = parallel.replicated(mesh)
+    return jax.jit(step, out_shardings=rep, in_shardings=(rep, parallel.batch_sharding(mesh), rep, rep))
+
+
 class StackedProgram:
-    """The jit-compiled, vmapped train and eval steps of a group of runs (see the module docstring).
+    """The jit-compiled train and eval steps of a group of runs, vmapped or mapped (see the module docstring).
 
     States carry a leading axis of size `len(runs)`; a train step takes one batch per run, stacked
     (R, B, ...), and an eval step one batch shared by all runs. Each run's PRNG key is
@@ -115,32 +194,27 @@ class StackedProgram:
 
     stacked = True
 
-    def __init__(self, runs: Sequence[loop.Run], option: str | None, builder: Any, mesh: Mesh):
+    def __init__(self, runs: Sequence[loop.Run], option: str | None, builder: Any, mesh: Mesh, *, form: str = "auto"):
         config, model_def = runs[0].config, runs[0].model_def
         optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
         self._keys = jnp.stack([jax.random.key(r.config.seed) for r in runs])
         dtype = _float_dtype(runs[0].template.params)
         self._values = jnp.asarray([r.config.loss[option] if option else 0.0 for r in runs], dtype)
 
-        def train(state: TrainState, batch: Batch, key: jax.Array, value: jax.Array) -> Any:
-            return train_step_fn(model_def, _loss_at(config, option, value), optimizer, state, batch, key)
+        def loss_at(value: jax.Array) -> losses.Loss:
+            return _loss_at(config, option, value)
 
-        def evaluate(state: TrainState, batch: Batch, key: jax.Array, value: jax.Array) -> Any:
-            return eval_step_fn(model_def, _loss_at(config, option, value), state, batch, key)
-
-        rep = parallel.replicated(mesh)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # (runs, batch, ...)
-        self._train = jax.jit(jax.vmap(train), donate_argnums=0, out_shardings=rep,
-                              in_shardings=(rep, self._batch_sharding, rep, rep))
-        self._eval = jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0, 0)), out_shardings=rep,
-                             in_shardings=(rep, parallel.batch_sharding(mesh), rep, rep))
-        self._train_fn = train
+        self.form = _resolve_form(form)
+        self._train = make_many_train_step(model_def, loss_at, optimizer, mesh=mesh, form=self.form)
+        self._eval = make_many_eval_step(model_def, loss_at, mesh=mesh, form=self.form)
+        self._train_fn = _over_runs(functools.partial(_train, model_def, loss_at, optimizer), self.form, (0, 0, 0, 0))
         self._config, self._builder, self._mesh, self._size = config, builder, mesh, len(runs)
 
     def traces(self, states: Sequence[TrainState], batches: Sequence[Batch]) -> bool:
         """Whether the step traces with the option as a traced value (a loss may need a Python number)."""
         try:
-            jax.eval_shape(jax.vmap(self._train_fn), _stack(states), _stack(batches), self._keys, self._values)
+            jax.eval_shape(self._train_fn, _stack(states), _stack(batches), self._keys, self._values)
         except _TRACE_ERRORS as error:
             _log.info("the loss does not take a traced value (%s: %s)", type(error).__name__, str(error).splitlines()[0])
             return False
@@ -174,7 +248,7 @@ def _check_arguments(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
 
 
 def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | os.PathLike[str]], *,
-               vmap: bool = True, log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+               vmap: bool = True, form: str = "auto", log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Trains each config in its work directory, as one vmapped program where they stack (`stacking`).
 
     Args:
@@ -183,6 +257,10 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
       workdirs: one work directory per config; each gets what `saljax train` writes, and an
         unfinished run resumes from its newest readable checkpoint.
       vmap: False trains the runs one after another (`train_and_evaluate`).
+      form: how the one program steps its runs (`FORMS`): "vmap" batches them (`jax.vmap`; what
+        fills an accelerator), "map" runs them one after another inside the program
+        (`jax.lax.map`), "auto" (default) "map" on CPU, where XLA's batched convolutions and
+        matmuls were slower than one run's (benchmarks/MANY_SEEDS.md), and "vmap" elsewhere.
       log: receives progress messages, including why runs do not stack (default: the
         "saljax.train" logger at INFO).
 
@@ -191,6 +269,7 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     """
     log = log or _log.info
     _check_arguments(configs, workdirs)
+    _resolve_form(form)
     option, why_not = stacking(configs)
     if not vmap or why_not:
         if vmap and len(configs) > 1:
@@ -204,7 +283,7 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
             runs.append(loop.open_run(config, path, builder, log))
         for start in sorted({r.start for r in runs}):  # runs stopped at different checkpoints: one group per step
             members = [i for i, r in enumerate(runs) if r.start == start]
-            for indices, done in _train_members([runs[i] for i in members], members, option, builder, mesh, log):
+            for indices, done in _train_members([runs[i] for i in members], members, option, builder, mesh, log, form):
                 for i, result in zip(indices, done, strict=True):
                     results[i] = result
     finally:
@@ -214,12 +293,12 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
 
 
 def _train_members(runs: Sequence[loop.Run], indices: Sequence[int], option: str | None, builder: Any, mesh: Mesh,
-                   log: Callable[[str], None]) -> list[tuple[list[int], list[dict[str, float]]]]:
+                   log: Callable[[str], None], form: str) -> list[tuple[list[int], list[dict[str, float]]]]:
     """Trains runs that resume from the same step: stacked, or one by one when the loss cannot trace."""
     if len(runs) > 1:
-        program = StackedProgram(runs, option, builder, mesh)
+        program = StackedProgram(runs, option, builder, mesh, form=form)
         if option is None or program.traces([r.state for r in runs], [_first_batch(r) for r in runs]):
-            log(f"training {len(runs)} runs as one program from step {runs[0].start}")
+            log(f"training {len(runs)} runs as one program ({program.form}) from step {runs[0].start}")
             return [(list(indices), loop.train_group(runs, program, log=log))]
         log(f"training {len(runs)} runs one after another: loss.{option} must be a Python number for this loss")
     return [([i], loop.train_group([r], loop.SingleProgram(r, builder, mesh), log=log))

@@ -75,19 +75,20 @@ def float64_runs(tmp_path_factory):
     return root, data_dir, cases, results
 
 
-def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs):
+@pytest.mark.parametrize("form", ["vmap", "map"])
+def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, form):
     root, data_dir, cases, alone = float64_runs
     names = ["s0", "s1"]
     logged = []
     with jax.enable_x64(True):
-        results = train.train_many([_config(data_dir, *cases[n]) for n in names], [root / "seeds" / n for n in names],
-                                   log=logged.append)
-    assert "training 2 runs as one program from step 0" in logged
+        results = train.train_many([_config(data_dir, *cases[n]) for n in names], [root / form / n for n in names],
+                                   form=form, log=logged.append)
+    assert f"training 2 runs as one program ({form}) from step 0" in logged
     for name, result in zip(names, results, strict=True):
         assert result.keys() == alone[name].keys() and result["best/step"] == alone[name]["best/step"]
-        _assert_same_run(root / "seeds" / name, root / "alone" / name, 1e-10)
+        _assert_same_run(root / form / name, root / "alone" / name, 1e-10)
     # The seeds really differ: another initialisation and data order.
-    assert _max_difference(_state(root / "seeds" / "s0"), _state(root / "seeds" / "s1")) > 1e-3
+    assert _max_difference(_state(root / form / "s0"), _state(root / form / "s1")) > 1e-3
 
 
 def test_a_loss_option_sweep_in_one_program_equals_its_separate_runs_float64(float64_runs):
@@ -97,8 +98,8 @@ def test_a_loss_option_sweep_in_one_program_equals_its_separate_runs_float64(flo
     assert train.stacking(configs) == ("lam", "")
     logged = []
     with jax.enable_x64(True):
-        results = train.train_many(configs, [root / "sweep" / n for n in names], log=logged.append)
-    assert "training 2 runs as one program from step 0" in logged
+        results = train.train_many(configs, [root / "sweep" / n for n in names], form="vmap", log=logged.append)
+    assert "training 2 runs as one program (vmap) from step 0" in logged
     for name, result in zip(names, results, strict=True):
         np.testing.assert_allclose(result["validation/ce"], alone[name]["validation/ce"], rtol=1e-10)
         _assert_same_run(root / "sweep" / name, root / "alone" / name, 1e-10)
@@ -126,6 +127,8 @@ def test_what_stacks():
         train.train_many([base, variant("seed=1")], ["a", "./a"])
     with pytest.raises(ValueError, match="2 configs but 1 work directories"):
         train.train_many([base, variant("seed=1")], ["a"])
+    with pytest.raises(ValueError, match="form must be one of auto | vmap | map; got 'pmap'"):
+        train.train_many([base, variant("seed=1")], ["a", "b"], form="pmap")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -176,7 +179,7 @@ def test_experiment_resumes_a_half_finished_vmapped_group(tmp_path, monkeypatch,
     capsys.readouterr()
     assert cli.main(argv(tmp_path / "vmapped")) == 0
     out = capsys.readouterr().out
-    assert "training 2 runs as one program from step 2" in out and "[3/3] gradmask seed 2" in out
+    assert "training 2 runs as one program (map) from step 2" in out and "[3/3] gradmask seed 2" in out
     assert cli.main(argv(tmp_path / "alone", "--no-vmap")) == 0
     alone = tmp_path / "alone" / "runs" / "gradmask"
     for seed in range(3):
