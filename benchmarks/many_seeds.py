@@ -16,6 +16,7 @@ whole benchmark; on CPU the process's max RSS over the whole benchmark instead.
     python benchmarks/many_seeds.py                            # default backend; table to stdout
     python benchmarks/many_seeds.py --write benchmarks/MANY_SEEDS.md
     python benchmarks/many_seeds.py --device gpu --seeds 1,2,5,10,20
+    python benchmarks/many_seeds.py --form map          # the runs one after another inside the program
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     p.add_argument("--losses", default="ce,gradmask")
     p.add_argument("--seeds", default="1,2,5,10", help="comma-separated numbers of seeds")
+    p.add_argument("--form", default="vmap", choices=("vmap", "map"),
+                   help="how the one program steps its seeds: vmap (batched, default) or map (lax.map, one after another)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each program after compiling")
@@ -113,7 +116,7 @@ def measure(args) -> dict:
         for loss_name in args.losses.split(","):
             loss = losses.for_method(loss_name)
             single = train.make_train_step(model_def, loss, optimizer)
-            many = train.make_many_train_step(model_def, lambda _, loss=loss: loss, optimizer)
+            many = train.make_many_train_step(model_def, lambda _, loss=loss: loss, optimizer, form=args.form)
             programs = {}
             start = time.perf_counter()
             compiled_single = single.lower(states[0], batches[0]).compile()
@@ -190,7 +193,8 @@ def _targets(row) -> str:
 
 def table(args, result: dict) -> str:
     lines = [
-        f"Backend {result['backend']} ({result['device']}), jax {result['jax']}, batch {args.batch_size} per seed, "
+        f"Backend {result['backend']} ({result['device']}), jax {result['jax']}, form {args.form} "
+        f"(`make_many_train_step(form={args.form!r})`), batch {args.batch_size} per seed, "
         f"float32, SGD with momentum; median of {args.repeats} alternated rounds after {args.warmup} warm-up step(s). "
         "Seconds per seed-step: a step's wall time divided by its seeds. Memory: XLA's memory analysis of the "
         "compiled vmapped step; sequential = N-1 more states + the single step's program. "

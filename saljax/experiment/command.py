@@ -110,10 +110,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-vmap", action="store_true",
                         help="train runs one after another (default: the seeds of a method train as one vmapped"
-                             " program when they share model and data shapes)")
+                             " program when they share model and data shapes; see --vmap-form)")
     parser.add_argument("--vmap-form", default="auto", choices=("auto", "vmap", "map"),
-                        help="how the one program steps its runs: vmap (batched), map (one after another inside it),"
-                             " auto (default: map on CPU, vmap elsewhere)")
+                        help="how one program steps a method's seeds: vmap (batched), map (one after another inside"
+                             " it), auto (default: vmap on GPU/TPU; separate runs on CPU, where they measured faster)")
     parser.add_argument("--sweep", default=None, metavar="loss.OPTION=V1,V2,...",
                         help="also sweep one numeric loss option, e.g. loss.lam=1,10,100: each method that takes it"
                              " trains once per value (rows <method>@lam=<value>, vmapped with the seeds); page and"

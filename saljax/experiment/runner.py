@@ -83,9 +83,12 @@ def parse_sweep(text: str) -> Sweep:
     option = key.removeprefix("loss.")
     if not sep or not key.startswith("loss.") or not option.isidentifier():
         raise ValueError(f"--sweep must be loss.<option>=v1,v2,... (e.g. loss.lam=1,10,100); got {text!r}")
-    parsed = [config_lib.parse_value(v.strip()) for v in values.split(",")]
-    if not values.strip() or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in parsed):
-        raise ValueError(f"--sweep {key} takes comma-separated numbers (e.g. {key}=1,10,100); got {values!r}")
+    parsed: list[int | float] = []
+    for item in values.split(","):
+        value = config_lib.parse_value(item.strip())
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"--sweep {key} takes comma-separated numbers (e.g. {key}=1,10,100); got {values!r}")
+        parsed.append(value)
     if len(set(parsed)) != len(parsed):
         raise ValueError(f"--sweep {key} lists a value twice: {values!r}")
     return Sweep(option, tuple(parsed))

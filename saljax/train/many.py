@@ -11,10 +11,10 @@ training loop is `saljax.train.loop`'s, so each run's work directory gets the ch
 the data iterator's position), best-checkpoint choice, `config.json` and metrics a separate run
 writes, and a run can be resumed, inspected or explained alone.
 
-The program batches the runs with `jax.vmap` (form "vmap": what fills an accelerator) or steps
-them one after another inside itself with `jax.lax.map` (form "map": each run with a single run's
-kernels; the default on CPU, where XLA's batched convolutions and matmuls were slower than one
-run's, see benchmarks/MANY_SEEDS.md).
+The program batches the runs with `jax.vmap` (form "vmap": what fills an accelerator, the
+default on GPU and TPU) or steps them one after another inside itself with `jax.lax.map` (form
+"map"). On CPU the default is separate runs: there XLA's batched convolutions and matmuls made
+one program slower than the runs one after another (benchmarks/MANY_SEEDS.md).
 
 Runs that cannot stack (other differences, several processes, a loss whose option is not a
 traceable number) train one after another with `train_and_evaluate`, with the reason logged. A
@@ -52,6 +52,8 @@ Batch = loop.Batch
 # Errors of a loss built or applied with a traced option value: the option must then be a Python number.
 #: How a program steps its runs: "vmap" batched, "map" one after another inside the program, "auto" by backend.
 FORMS = ("auto", "vmap", "map")
+_CPU_REASON = ("on CPU, separate runs stepped faster than one program (benchmarks/MANY_SEEDS.md);"
+               " form 'vmap' or 'map' (saljax experiment --vmap-form) forces one")
 _TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
                  jax.errors.TracerArrayConversionError, TypeError)
 
@@ -125,9 +127,7 @@ def _eval(model_def: ModelDef, loss_at: Callable[[jax.Array], losses.Loss], stat
 def _resolve_form(form: str) -> str:
     if form not in FORMS:
         raise ValueError(f"form must be one of {' | '.join(FORMS)}; got {form!r}")
-    if form == "auto":
-        return "map" if jax.default_backend() == "cpu" else "vmap"
-    return form
+    return "vmap" if form == "auto" else form
 
 
 def _over_runs(fn: Callable[..., Any], form: str, in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
@@ -160,8 +160,7 @@ def make_many_train_step(
     every metric gets a leading axis R. One jit-compiled program (the states are donated); with a
     `mesh`, each run's batch is split over its "data" axis. `form` (see `FORMS`): "vmap" batches
     the runs' operations (`jax.vmap`), "map" runs them one after another inside the program
-    (`jax.lax.map`: each run with the kernels of a single run), "auto" picks "map" on CPU and
-    "vmap" elsewhere.
+    (`jax.lax.map`); "auto" is "vmap".
     """
     step = _over_runs(functools.partial(_train, model_def, loss_at, optimizer), form, (0, 0, 0, 0))
     if mesh is None:
@@ -259,8 +258,9 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
       vmap: False trains the runs one after another (`train_and_evaluate`).
       form: how the one program steps its runs (`FORMS`): "vmap" batches them (`jax.vmap`; what
         fills an accelerator), "map" runs them one after another inside the program
-        (`jax.lax.map`), "auto" (default) "map" on CPU, where XLA's batched convolutions and
-        matmuls were slower than one run's (benchmarks/MANY_SEEDS.md), and "vmap" elsewhere.
+        (`jax.lax.map`); "auto" (default) is "vmap" on GPU and TPU and separate runs on CPU, where
+        XLA's batched convolutions and matmuls made one program slower than separate runs
+        (benchmarks/MANY_SEEDS.md).
       log: receives progress messages, including why runs do not stack (default: the
         "saljax.train" logger at INFO).
 
@@ -271,6 +271,8 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     _check_arguments(configs, workdirs)
     _resolve_form(form)
     option, why_not = stacking(configs)
+    if form == "auto" and jax.default_backend() == "cpu" and not why_not:
+        why_not = _CPU_REASON
     if not vmap or why_not:
         if vmap and len(configs) > 1:
             log(f"training {len(configs)} runs one after another: {why_not}")
@@ -305,9 +307,9 @@ def _train_members(runs: Sequence[loop.Run], indices: Sequence[int], option: str
             for i, r in zip(indices, runs, strict=True)]
 
 
-def _first_batch(run: loop.Run) -> dict[str, np.ndarray]:
+def _first_batch(run: loop.Run) -> Batch:
     """The shapes of a batch of `run`, from a fresh iterator (the run's own keeps its position)."""
     state = run.iterator.get_state()
-    batch = next(run.iterator)
+    batch = {k: jnp.asarray(v) for k, v in next(run.iterator).items()}
     run.iterator.set_state(state)
     return batch

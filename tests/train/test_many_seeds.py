@@ -70,8 +70,15 @@ def float64_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
     data_dir = root / "data"
     cases = {"s0": [], "s1": ["seed=1"], "s0_lam100": ["loss.lam=100.0"]}
+    logged = []
     with jax.enable_x64(True):
-        results = {name: train.train_and_evaluate(_config(data_dir, *o), root / "alone" / name) for name, o in cases.items()}
+        if jax.default_backend() == "cpu":  # form "auto" on CPU: separate runs, saying why
+            results = dict(zip(cases, train.train_many([_config(data_dir, *o) for o in cases.values()],
+                                                       [root / "alone" / name for name in cases], log=logged.append)))
+            assert any(m.startswith("training 3 runs one after another: on CPU, separate runs") for m in logged), logged
+        else:
+            results = {name: train.train_and_evaluate(_config(data_dir, *o), root / "alone" / name)
+                       for name, o in cases.items()}
     return root, data_dir, cases, results
 
 
@@ -163,6 +170,8 @@ def test_experiment_resumes_a_half_finished_vmapped_group(tmp_path, monkeypatch,
         return ["experiment", "decoy_digits", "--seeds", "3", "--methods", "gradmask", "--workdir", str(workdir),
                 "--out", str(tmp_path / "out" / workdir.name), "--no-figures", data, *COMMON, *extra]
 
+    vmapped = ["--vmap-form", "vmap"]  # on CPU, "auto" trains separate runs
+
     save = checkpoint.Checkpointer.save
 
     def save_then_stop(self, step, *args, **kwargs):
@@ -171,16 +180,17 @@ def test_experiment_resumes_a_half_finished_vmapped_group(tmp_path, monkeypatch,
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
-    assert cli.main(argv(tmp_path / "vmapped")) == 130
+    assert cli.main(argv(tmp_path / "vmapped", *vmapped)) == 130
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     runs = tmp_path / "vmapped" / "runs" / "gradmask"
     with checkpoint.Checkpointer(runs / "seed0") as a, checkpoint.Checkpointer(runs / "seed2") as c:
         assert a.steps() == [2] and c.steps() == []
     capsys.readouterr()
-    assert cli.main(argv(tmp_path / "vmapped")) == 0
+    assert cli.main(argv(tmp_path / "vmapped", *vmapped)) == 0
     out = capsys.readouterr().out
-    assert "training 2 runs as one program (map) from step 2" in out and "[3/3] gradmask seed 2" in out
+    assert "training 2 runs as one program (vmap) from step 2" in out and "[3/3] gradmask seed 2" in out
     assert cli.main(argv(tmp_path / "alone", "--no-vmap")) == 0
+    assert "separate runs" not in capsys.readouterr().out  # --no-vmap: no reason to give
     alone = tmp_path / "alone" / "runs" / "gradmask"
     for seed in range(3):
         # Seed 2 trained alone in both: the same program, bit for bit.
@@ -189,5 +199,5 @@ def test_experiment_resumes_a_half_finished_vmapped_group(tmp_path, monkeypatch,
         report = json.load(f)
     assert [r["seed"] for r in report["runs"]["gradmask"]] == [0, 1, 2]
     # A finished group is not trained again.
-    assert cli.main(argv(tmp_path / "vmapped")) == 0
+    assert cli.main(argv(tmp_path / "vmapped", *vmapped)) == 0
     assert capsys.readouterr().out.count("done earlier") == 3
