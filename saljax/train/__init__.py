@@ -5,7 +5,7 @@
     state, metrics = train_step(state, batch)
 
     results = train_and_evaluate(config, workdir)     # `saljax train`
-    results = train_many(configs, workdirs)           # seeds (or a loss option's values) as one vmapped program
+    results = train_many(configs, workdirs)           # seeds (or a loss option's values) as one program
     model, config = load_model(workdir)               # its best checkpoint
 
 Modules: `state` (ModelDef, TrainState), `steps` (train and eval steps), `optimizer` (optax
