@@ -82,7 +82,7 @@ def float64_runs(tmp_path_factory):
     return root, data_dir, cases, results
 
 
-@pytest.mark.parametrize("form", ["vmap", "map"])
+@pytest.mark.parametrize("form", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
 def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, form):
     root, data_dir, cases, alone = float64_runs
     names = ["s0", "s1"]
