@@ -6,8 +6,9 @@
 A suite is a config file in `experiments/configs/` (see `saljax.config`): `get_config(method)`
 describes one training run and `get_suite()` returns a `Suite` naming the methods, the splits and
 metrics to tabulate, the quick settings and the targets. The runner trains every method for seeds
-0..N-1 with `saljax.train.train_and_evaluate` (one work directory per run, so an interrupted suite
-resumes: finished runs are skipped, unfinished ones resume from their checkpoints), evaluates the
+0..N-1 with `saljax.train.train_many` (on GPU and TPU the seeds of a method as one vmapped
+program; one work directory per run, so an interrupted suite resumes: finished runs are skipped,
+unfinished ones resume from their checkpoints), evaluates the
 final model of each run on every evaluation split, and writes
 
 - `<suite>.md`: mean +- std over seeds and the 95% confidence interval of the mean (Student t) per
@@ -26,9 +27,11 @@ from saljax.experiment.figures import OVERLAY_MAPS, plot_curves, plot_overlays
 from saljax.experiment.report import parse_markdown_tables, provenance, render_markdown
 from saljax.experiment.runner import (
     RESULT_FILE,
+    Sweep,
     aggregate,
     find_config,
     load_suite,
+    parse_sweep,
     run_dir,
     run_suite,
 )
@@ -39,6 +42,8 @@ __all__ = [
     "Suite",
     "Target",
     "RESULT_FILE",
+    "Sweep",
+    "parse_sweep",
     "OVERLAY_MAPS",
     "find_config",
     "load_suite",

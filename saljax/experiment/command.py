@@ -21,6 +21,7 @@ from saljax.experiment.runner import (
     check_selection,
     find_config,
     load_suite,
+    parse_sweep,
     run_suite,
 )
 
@@ -33,19 +34,29 @@ def _enable_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _seeds(text: str) -> int:
+    # Parsed here rather than by argparse: a bad value is then one line and exit code 2 like every input error.
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--seeds must be an integer >= 1; got {text!r}") from None
+
+
 def run(args, argv: Sequence[str]) -> int:
     """`saljax experiment` (see `add_arguments`)."""
     config_path = find_config(args.suite)
     suite = load_suite(config_path)
     if args.quick and suite.quick_targets:  # the quick version claims what its shorter runs can show
         suite = dataclasses.replace(suite, targets=suite.quick_targets)
-    seeds = args.seeds if args.seeds is not None else (suite.quick_seeds if args.quick else 5)
+    seeds = _seeds(args.seeds) if args.seeds is not None else (suite.quick_seeds if args.quick else 5)
     wanted = args.methods or (suite.quick_methods if args.quick else None)
     methods = check_selection(suite, wanted, seeds)  # before any directory or cache is touched
+    sweep = parse_sweep(args.sweep) if args.sweep is not None else None
     overrides = [*(suite.quick if args.quick else ()), *args.overrides]
     for method in methods:  # every run's config and loss options too
         train.check_config(config_lib.load(f"{config_path}:{method}", [*overrides, "progress=False"]))
-    name = suite.name + ("-quick" if args.quick else "")
+    # A sweep's page and runs go beside the suite's, not over them.
+    name = suite.name + (f"-sweep-{sweep.option}" if sweep else "") + ("-quick" if args.quick else "")
     workdir = os.path.abspath(args.workdir or os.path.join("runs", "experiments", name))
     if args.out:
         out = args.out
@@ -59,9 +70,11 @@ def run(args, argv: Sequence[str]) -> int:
     _enable_compilation_cache(workdir)
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about custom configs at every run
-    print(f"saljax experiment {suite.name}: {len(methods)} methods x {seeds} seeds in {workdir}", flush=True)
+    swept = f" x loss.{sweep.option} in {list(sweep.values)}" if sweep else ""
+    print(f"saljax experiment {suite.name}: {len(methods)} methods x {seeds} seeds{swept} in {workdir}", flush=True)
     results = run_suite(config_path, suite, workdir, seeds=seeds, overrides=overrides, methods=methods,
-                        log=lambda s: print(s, flush=True))
+                        log=lambda s: print(s, flush=True), vmap=not args.no_vmap, form=args.vmap_form,
+                        sweep=sweep)
     table = aggregate(suite, results)
     means = {m: {k: s["mean"] for k, s in row.items()} for m, row in table.items()}
     figures = []
@@ -93,13 +106,23 @@ def run(args, argv: Sequence[str]) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("suite", help="a suite name (decoy_digits, synthetic_distractor, spurious_binary) or config file")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; --quick: the suite's)")
+    parser.add_argument("--seeds", default=None, metavar="N", help="seeds per method (default 5; --quick: the suite's)")
     parser.add_argument("--quick", action="store_true", help="the suite's quick settings: fewer seeds and steps")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the suite's methods")
     parser.add_argument("--workdir", default=None, help="runs go here (default runs/experiments/<suite>)")
     parser.add_argument("--out", default=None,
                         help="tables and figures go here (default experiments/results; --quick: the workdir)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--no-vmap", action="store_true",
+                        help="train runs one after another (default: the seeds of a method train as one vmapped"
+                             " program when they share model and data shapes; see --vmap-form)")
+    parser.add_argument("--vmap-form", default="auto", choices=("auto", "vmap", "map"),
+                        help="how one program steps a method's seeds: vmap (batched), map (one after another inside"
+                             " it), auto (default: vmap on GPU/TPU; separate runs on CPU, where they measured faster)")
+    parser.add_argument("--sweep", default=None, metavar="loss.OPTION=V1,V2,...",
+                        help="also sweep one numeric loss option, e.g. loss.lam=1,10,100: each method that takes it"
+                             " trains once per value (rows <method>@lam=<value>, vmapped with the seeds); page and"
+                             " runs under <suite>-sweep-<option>")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
 

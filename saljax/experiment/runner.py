@@ -1,6 +1,7 @@
-"""Finding a suite, training every method over seeds (resumable, cached per run), aggregating."""
+"""Finding a suite, training every method over seeds (resumable, cached per run, vmapped), aggregating."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -8,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from saljax import config as config_lib
-from saljax import train
+from saljax import losses, train
 from saljax import workdir as workdir_lib
 from saljax.experiment.explained import explain_run, map_metric_names
 from saljax.experiment.stats import summarize
@@ -62,6 +63,63 @@ def _read_result(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Values of one numeric loss option (`--sweep loss.lam=1,10,100`): each method that takes it
+    trains once per value, as rows `<method>@<option>=<value>`."""
+
+    option: str
+    values: tuple[int | float, ...]
+
+    def row(self, method: str, value: int | float) -> str:
+        return f"{method}@{self.option}={value}"
+
+
+def parse_sweep(text: str) -> Sweep:
+    """`loss.<option>=v1,v2,...` -> Sweep; a one-line ValueError for anything else."""
+    key, sep, values = text.partition("=")
+    option = key.removeprefix("loss.")
+    if not sep or not key.startswith("loss.") or not option.isidentifier():
+        raise ValueError(f"--sweep must be loss.<option>=v1,v2,... (e.g. loss.lam=1,10,100); got {text!r}")
+    parsed: list[int | float] = []
+    for item in values.split(","):
+        value = config_lib.parse_value(item.strip())
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"--sweep {key} takes comma-separated numbers (e.g. {key}=1,10,100); got {values!r}")
+        parsed.append(value)
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"--sweep {key} lists a value twice: {values!r}")
+    return Sweep(option, tuple(parsed))
+
+
+def _takes(cfg: Any, option: str) -> bool:
+    """Whether the loss of `cfg` has `option` (a weight `lam`/`alpha` of its preset, or an option it accepts)."""
+    if option in ("lam", "alpha"):  # the presets' weights; a loss without one ignores it
+        return option in losses.PRESETS.get(cfg.method, {})
+    try:
+        train.make_loss(cfg)
+    except ValueError:
+        return False
+    return True
+
+
+def _rows(config_path: str, methods: Sequence[str], overrides: Sequence[str],
+          sweep: Sweep | None) -> dict[str, tuple[str, list[str]]]:
+    """row name -> (method, overrides): one row per method, or per method and swept value."""
+    rows: dict[str, tuple[str, list[str]]] = {}
+    for method in methods:
+        if sweep is not None:
+            first = [*overrides, f"loss.{sweep.option}={sweep.values[0]!r}"]
+            if _takes(config_lib.load(f"{config_path}:{method}", first), sweep.option):
+                for value in sweep.values:
+                    rows[sweep.row(method, value)] = (method, [*overrides, f"loss.{sweep.option}={value!r}"])
+                continue
+        rows[method] = (method, list(overrides))
+    if sweep is not None and all(name in methods for name in rows):
+        raise ValueError(f"--sweep loss.{sweep.option}: no method of {list(methods)} takes loss.{sweep.option}")
+    return rows
+
+
 def run_suite(
     config_path: str,
     suite: Suite,
@@ -71,22 +129,34 @@ def run_suite(
     overrides: Sequence[str] = (),
     methods: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    vmap: bool = True,
+    form: str = "auto",
+    sweep: Sweep | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Trains every method of `suite` for seeds 0..seeds-1; returns method -> per-seed results.
+    """Trains every method of `suite` for seeds 0..seeds-1; returns row -> per-seed results.
 
     Each result is `{"seed", "metrics": {split/metric: value}, "wall_s", "config"}`, also written
     to the run's `result.json`. A run that finished with the same config is not trained again.
+    With `vmap`, the unfinished runs of a method (its seeds, and its `sweep` values) train as one
+    vmapped program (`saljax.train.train_many`, stepping its runs as `form` says; each `wall_s` is
+    then the program's time divided among its runs); without, one after another, seed-major. With a `sweep`, each method that
+    takes the option trains once per value, as rows `<method>@<option>=<value>`; the others once.
     """
     methods = check_selection(suite, methods, seeds)
     map_metric_names(suite)  # a misspelt map metric fails before any training
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    total = len(methods) * seeds
+    rows = _rows(config_path, methods, overrides, sweep)
+    results: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    total = len(rows) * seeds
     done = 0
-    for seed in range(seeds):  # seed-major: a stopped suite has every method at the first seeds
-        for method in methods:
-            done += 1
-            cfg = config_lib.load(f"{config_path}:{method}", [*overrides, f"seed={seed}", "progress=False"])
-            path = run_dir(workdir, method, seed)
+    # One group per method with vmap; else one run at a time, seed-major: a stopped suite has every
+    # method at the first seeds.
+    groups = [[(row, seed) for row in rows for seed in range(seeds) if rows[row][0] == method] for method in methods] \
+        if vmap else [[(row, seed)] for seed in range(seeds) for row in rows]
+    for group in groups:
+        todo = []
+        for row, seed in group:
+            cfg = config_lib.load(f"{config_path}:{rows[row][0]}", [*rows[row][1], f"seed={seed}", "progress=False"])
+            path = run_dir(workdir, row, seed)
             previous = _read_result(path)
             if previous is not None and not workdir_lib.config_changes(previous["config"], cfg):
                 missing = [c for split in suite.splits for c in suite.map_metrics
@@ -94,19 +164,28 @@ def run_suite(
                 if missing:  # a map metric added to the suite since: explain the trained run, train nothing
                     previous["metrics"] |= explain_run(suite, path, suite.splits)
                     _write_result(path, previous)
-                results[method].append(previous)
-                log(f"[{done}/{total}] {method} seed {seed}: done earlier")
+                results[row].append(previous)
+                done += 1
+                log(f"[{done}/{total}] {row} seed {seed}: done earlier")
                 continue
             _check_no_other_run(path, cfg)
-            start = time.perf_counter()
-            metrics = train.train_and_evaluate(cfg, path, log=lambda _: None)
+            todo.append((row, seed, cfg, path))
+        if not todo:
+            continue
+        start = time.perf_counter()
+        trained = train.train_many([t[2] for t in todo], [t[3] for t in todo], vmap=vmap, form=form,
+                                   log=lambda m: log(f"  {m}") if m.startswith("training ") else None)
+        wall_s = (time.perf_counter() - start) / len(todo)
+        for (row, seed, cfg, path), metrics in zip(todo, trained, strict=True):
             metrics |= explain_run(suite, path, suite.splits)
-            result = {"seed": seed, "metrics": metrics, "wall_s": time.perf_counter() - start,
-                      "config": json.loads(cfg.to_json())}
+            result = {"seed": seed, "metrics": metrics, "wall_s": wall_s, "config": json.loads(cfg.to_json())}
             _write_result(path, result)
-            results[method].append(result)
+            results[row].append(result)
+            done += 1
             shown = ", ".join(f"{k} {metrics[suite.key(k)]:.3f}" for k in _headline(suite) if suite.key(k) in metrics)
-            log(f"[{done}/{total}] {method} seed {seed}: {result['wall_s']:.0f} s, {shown}")
+            log(f"[{done}/{total}] {row} seed {seed}: {wall_s:.0f} s, {shown}")
+    for runs in results.values():
+        runs.sort(key=lambda r: r["seed"])
     return results
 
 

@@ -70,7 +70,8 @@ def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: 
     row = PRESETS[method]
     options = dict(options)
     weight = options.pop("alpha", row["alpha"]) if "alpha" in row else options.pop("lam", row.get("lam"))
-    if "alpha" in row and not 0.0 <= weight <= 1.0:
+    # A weight that is not a Python number (a traced value, swept in one program) was checked before tracing.
+    if "alpha" in row and isinstance(weight, (int, float)) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
     if "alpha" not in row and weight is not None and not (isinstance(weight, numbers.Real) and 0.0 <= float(weight) < math.inf):
         raise ValueError(f"lam must be a finite number >= 0; got {weight!r}")

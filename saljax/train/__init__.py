@@ -5,15 +5,17 @@
     state, metrics = train_step(state, batch)
 
     results = train_and_evaluate(config, workdir)     # `saljax train`
+    results = train_many(configs, workdirs)           # seeds (or a loss option's values) as one program
     model, config = load_model(workdir)               # its best checkpoint
 
 Modules: `state` (ModelDef, TrainState), `steps` (train and eval steps), `optimizer` (optax
 optimizers and schedules of a config), `from_config` (config checks, model from a config), `loop`
-(the training loop), `restore` (a run's model).
+(the training loop), `many` (runs of several seeds as one vmapped program), `restore` (a run's model).
 """
 
 from saljax.train.from_config import check_config, fill_from_dataset, init_from_config, make_loss
 from saljax.train.loop import train_and_evaluate
+from saljax.train.many import make_many_eval_step, make_many_train_step, stacking, train_many
 from saljax.train.optimizer import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from saljax.train.restore import load_model
 from saljax.train.state import ModelDef, TrainState, init_train_state, merge, with_loss_state
@@ -32,10 +34,14 @@ __all__ = [
     "load_model",
     "make_eval_step",
     "make_loss",
+    "make_many_eval_step",
+    "make_many_train_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
     "merge",
+    "stacking",
     "train_and_evaluate",
+    "train_many",
     "with_loss_state",
 ]

@@ -11,13 +11,14 @@ step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -35,6 +36,8 @@ from saljax.train.steps import make_eval_step, make_train_step
 from saljax.writers import MetricWriter
 
 __all__ = ["train_and_evaluate"]
+
+Batch = batch_lib.Batch
 
 _log = logging.getLogger("saljax.train")
 
@@ -65,17 +68,31 @@ def _eval_batches(builder: Any, split: str, config: ml_collections.ConfigDict, m
         yield parallel.shard_batch(padded, mesh)
 
 
-def _evaluate_split(eval_step: Callable, state: TrainState, builder: Any, split: str, config: ml_collections.ConfigDict,
-                    mesh: Mesh) -> dict[str, float]:
-    outputs = []
-    for batch in _eval_batches(builder, split, config, mesh):
-        out = jax.device_get(eval_step(state, {k: v for k, v in batch.items() if k != "valid"}))
-        outputs.append(out | {"label": np.asarray(jax.device_get(batch["label"])), "valid": jax.device_get(batch["valid"])})
-    return metrics.summarize(outputs)
+def evaluate_splits(eval_step: Callable[[Any, Batch], Mapping[str, Any]], state: Any, builder: Any,
+                    config: ml_collections.ConfigDict, mesh: Mesh, *, runs: int | None = None) -> list[dict[str, float]]:
+    """`<split>/<metric>` of every evaluation split; one dict, or one per run when `runs` is set.
+
+    With `runs`, `eval_step` evaluates a group of runs at once and every output has a leading axis
+    of that size; each run's outputs are summarised on their own.
+    """
+    results: list[dict[str, float]] = [{} for _ in range(runs or 1)]
+    for split in config.dataset.eval_splits:
+        outputs: list[list[dict[str, Any]]] = [[] for _ in range(runs or 1)]
+        for batch in _eval_batches(builder, split, config, mesh):
+            out = jax.device_get(eval_step(state, {k: v for k, v in batch.items() if k != "valid"}))
+            extra = {"label": np.asarray(jax.device_get(batch["label"])), "valid": jax.device_get(batch["valid"])}
+            for i, run_outputs in enumerate(outputs):
+                run_outputs.append({k: v[i] for k, v in out.items()} | extra if runs else out | extra)
+        for result, run_outputs in zip(results, outputs, strict=True):
+            result.update({f"{split}/{k}": v for k, v in metrics.summarize(run_outputs).items()})
+    return results
 
 
-def _check_finite(step: int, out: Mapping[str, Any]) -> None:
-    """Raises NonFiniteError naming the loss terms that are NaN/inf at `step` (the first such step)."""
+def _check_finite(step: int, out: Mapping[str, Any], where: str = "") -> None:
+    """Raises NonFiniteError naming the loss terms that are NaN/inf at `step` (the first such step).
+
+    `where` (a run's work directory, in a group of runs) starts the message.
+    """
     if bool(out["finite"]):
         return
     values = {k: float(v) for k, v in out.items() if k == "loss" or k.startswith("loss/")}
@@ -89,7 +106,7 @@ def _check_finite(step: int, out: Mapping[str, Any]) -> None:
         where = f"loss = {values['loss']}"
     else:
         where = f"gradient norm = {float(out['grad_norm'])} (every loss term finite)"
-    raise workdir_lib.NonFiniteError(f"non-finite loss at step {step} (the first such step): {where}. Stopping; no"
+    raise workdir_lib.NonFiniteError(f"{where}non-finite loss at step {step} (the first such step): {where}. Stopping; no"
                                  " checkpoint holds these values (try a lower learning rate or loss weight)")
 
 
@@ -109,6 +126,261 @@ def _format(results: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
 
 
+@dataclasses.dataclass
+class Run:
+    """One training run of a group: its config, work directory, data iterator and the files it writes.
+
+    `state` is the run's state on the host (fresh, or restored from its newest readable checkpoint)
+    and `start` its step; `template` is a fresh state, the structure its checkpoints restore into.
+    """
+
+    config: ml_collections.ConfigDict
+    path: str
+    model_def: Any
+    template: TrainState
+    state: TrainState
+    start: int
+    iterator: Any
+    checkpointer: checkpoint.Checkpointer
+    writer: MetricWriter | None
+
+
+class Program(Protocol):
+    """How a group of runs is placed, stepped and evaluated: one run as is, or several stacked (vmapped)."""
+
+    stacked: bool  # outputs carry a leading axis, one entry per run
+
+    def place(self, states: Sequence[TrainState]) -> Any: ...
+
+    def member(self, state: Any, index: int) -> TrainState: ...
+
+    def step(self, state: Any, batches: Sequence[Batch]) -> tuple[Any, dict[str, jax.Array]]: ...
+
+    def evaluate(self, state: Any) -> list[dict[str, float]]: ...
+
+
+class SingleProgram:
+    """One run's jit-compiled steps, data-parallel over `mesh` (what `saljax train` runs)."""
+
+    stacked = False
+
+    def __init__(self, run: Run, builder: Any, mesh: Mesh):
+        config = run.config
+        optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
+        loss = make_loss(config)
+        # Losses that draw random numbers get fold_in(key(seed), step): resumes draw the same numbers.
+        key = jax.random.key(config.seed)
+        self._train_step = make_train_step(run.model_def, loss, optimizer, mesh=mesh, key=key)
+        self._eval_step = make_eval_step(run.model_def, loss=loss, mesh=mesh, key=key)
+        self._config, self._builder, self._mesh = config, builder, mesh
+
+    def place(self, states: Sequence[TrainState]) -> Any:
+        (state,) = states
+        return parallel.replicate(state, self._mesh)
+
+    def member(self, state: Any, index: int) -> TrainState:
+        return state
+
+    def step(self, state: Any, batches: Sequence[Batch]) -> tuple[Any, dict[str, jax.Array]]:
+        (batch,) = batches
+        return self._train_step(state, parallel.shard_batch(batch, self._mesh))
+
+    def evaluate(self, state: Any) -> list[dict[str, float]]:
+        return evaluate_splits(self._eval_step, state, self._builder, self._config, self._mesh)
+
+
+def prepare(configs: Sequence[ml_collections.ConfigDict],
+            workdirs: Sequence[str | os.PathLike[str]]) -> tuple[list[str], Mesh, Any]:
+    """Checks every config and work directory, then builds the (shared) dataset: (paths, mesh, builder).
+
+    The configs must share their `dataset` and `num_devices` (a group of runs reads one dataset).
+    """
+    for config in configs:
+        check_config(config)
+    paths = [workdir_lib.check_writable(w) for w in workdirs]
+    config = configs[0]
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    builder = data.from_config(config.dataset)
+    for c in configs:
+        fill_from_dataset(c, builder.info.features, builder.info.splits)
+    return paths, mesh, builder
+
+
+def open_run(config: ml_collections.ConfigDict, path: str, builder: Any, log: Callable[[str], None]) -> Run:
+    """Saves `config` in `path` and restores the run's newest readable checkpoint (a fresh state if none)."""
+    model_def, state = init_from_config(config)
+    if jax.process_index() == 0:
+        _warn_if_config_changed(path, config)
+        workdir_lib.save_config(path, config)
+    ds = config.dataset
+
+    def new_iterator() -> Any:
+        loader = data.make_loader(builder, ds.train_split, config.batch_size // jax.process_count(), seed=config.seed,
+                                  num_epochs=None, augment=ds.augment, mean=ds.mean, std=ds.std)
+        return iter(loader)
+
+    iterator = new_iterator()
+    ck = config.checkpoint
+    checkpointer = checkpoint.Checkpointer(path, keep_best=ck.keep_best, keep_latest=ck.keep_latest,
+                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save,
+                                           move_corrupt=True)
+    start, template = 0, state
+    if checkpointer.latest_step() is not None:
+        try:
+            start, state = checkpointer.restore(template, data_iterator=iterator)
+            log(f"resumed from checkpoint {start} in {path}")
+        except checkpoint.CheckpointError as error:
+            _log.warning("%s; starting from step 0", error)
+            iterator = new_iterator()
+    writer = MetricWriter(path) if jax.process_index() == 0 else None
+    return Run(config, path, model_def, template, state, start, iterator, checkpointer, writer)
+
+
+def close_run(run: Run) -> None:
+    """Waits for the run's pending checkpoint writes and closes its files."""
+    try:
+        run.checkpointer.wait()
+    finally:
+        run.checkpointer.close()
+        if run.writer:
+            run.writer.close()
+
+
+def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+    """Trains runs that share every setting but their seed (and loss options) in lockstep from their common step.
+
+    Each run reads its own data iterator and writes its own metrics and checkpoints, as it would
+    alone; `program` steps all of them at once. Returns each run's results (see
+    `train_and_evaluate`). The runs stay open (see `close_run`).
+    """
+    log = log or _log.info
+    config = runs[0].config
+    if len({r.start for r in runs}) != 1:
+        raise ValueError(f"runs trained together must resume from the same step; got {[r.start for r in runs]}")
+    start = runs[0].start
+    ck = config.checkpoint
+    state = program.place([r.state for r in runs])
+    primary = jax.process_index() == 0
+    num_classes = config.model.num_classes
+    where = [f"{r.path}: " if len(runs) > 1 else "" for r in runs]
+
+    def per_run(out: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v[i] for k, v in out.items()} for i in range(len(runs))] if program.stacked else [dict(out)]
+
+    def check_pending(step: int, out: Mapping[str, Any]) -> None:
+        if not bool(np.all(jax.device_get(out["finite"]))):
+            for w, o in zip(where, per_run(jax.device_get(out)), strict=True):
+                _check_finite(step, o, w)
+
+    def ranked(results: Mapping[str, float]) -> dict[str, float] | None:
+        if not ck.best_metric:
+            return None
+        if ck.best_metric not in results:
+            raise ValueError(f"checkpoint.best_metric {ck.best_metric!r} is not among the evaluation's metrics"
+                             f" {sorted(results)}")
+        return {ck.best_metric: results[ck.best_metric]}
+
+    def save(step: int, state: Any, evaluation: Sequence[Mapping[str, float]] | None = None) -> None:
+        for i, run in enumerate(runs):
+            run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator,
+                                  metrics=ranked(evaluation[i]) if evaluation else None)
+
+    bar = tqdm(total=config.num_steps, initial=start, disable=not (config.progress and primary), unit="step",
+               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+    pending = None  # the previous step's metrics, checked while the next step runs
+    window_start, window_steps = time.perf_counter(), 0
+    last_eval: list[dict[str, float]] = []
+    final_step = max(start, config.num_steps)
+    try:
+        for step in range(start + 1, config.num_steps + 1):
+            batches = [next(r.iterator) for r in runs]
+            for batch in batches:
+                batch_lib.validate_batch(batch, num_classes)
+            state, out = program.step(state, batches)
+            if pending is not None:
+                check_pending(*pending)
+            pending = (step, out)
+            window_steps += 1
+            bar.update(1)
+            boundary = step == config.num_steps or step % config.eval_every == 0 or step % ck.every == 0
+            if step % config.log_every == 0 or boundary:
+                seconds = time.perf_counter() - window_start
+                fetched = [{k: float(v) for k, v in o.items()} for o in per_run(jax.device_get(out))]
+                for w, f in zip(where, fetched, strict=True):
+                    _check_finite(step, f, w)
+                pending = None
+                for f in fetched:
+                    f["images_per_second"] = window_steps * config.batch_size / max(seconds, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                shown = fetched[0]
+                bar.set_postfix(loss=f"{shown['loss']:.4f}", acc=f"{shown['accuracy']:.3f}",
+                                img_s=f"{shown['images_per_second']:.0f}")
+                for run, f in zip(runs, fetched, strict=True):
+                    if run.writer:
+                        run.writer.write(step, {f"train/{k}": v for k, v in f.items() if k != "finite"})
+            if step == config.num_steps or step % config.eval_every == 0:
+                last_eval = program.evaluate(state)
+                for run, evaluation in zip(runs, last_eval, strict=True):
+                    log(f"evaluation of checkpoint {step}{f' of {run.path}' if len(runs) > 1 else ''}:"
+                        f" {_format(evaluation)}")
+                    if run.writer:
+                        run.writer.write(step, evaluation)
+                save(step, state, last_eval)
+            elif step % ck.every == 0:
+                save(step, state)
+        if pending is not None:
+            check_pending(*pending)
+        bar.close()
+        for run in runs:
+            run.checkpointer.wait()
+        if not last_eval:  # resumed at or past num_steps
+            last_eval = program.evaluate(state)
+        results = [{**e, "final/step": float(final_step)} for e in last_eval]
+        if ck.best_metric:
+            _add_best(runs, program, state, final_step, last_eval, results)
+    finally:
+        bar.close()
+    return results
+
+
+def _add_best(runs: Sequence[Run], program: Program, final: Any, final_step: int,
+              final_eval: Sequence[dict[str, float]], results: list[dict[str, float]]) -> None:
+    """Adds `best/<split>/<metric>` and `best/step` of each run's best checkpoint to its results.
+
+    The best states that are not the final one are evaluated together, in one pass of `program`.
+    """
+    best = [_best_state(run, final_step) for run in runs]
+    if any(b is not None and b[1] is not None for b in best):
+        states = [b[1] if b is not None and b[1] is not None else program.member(final, i) for i, b in enumerate(best)]
+        evaluations = program.evaluate(program.place([jax.device_get(s) for s in states]))
+    else:
+        evaluations = list(final_eval)
+    for i, b in enumerate(best):
+        if b is None:
+            continue
+        best_eval = final_eval[i] if b[1] is None else evaluations[i]
+        results[i].update({f"best/{k}": v for k, v in best_eval.items()})
+        results[i]["best/step"] = float(b[0])
+
+
+def _best_state(run: Run, final_step: int) -> tuple[int, TrainState | None] | None:
+    """(step, state) of the run's best checkpoint (state None: the final one); a corrupt one is moved
+    aside and the next best used; None when no checkpoint carries the metric."""
+    checkpointer = run.checkpointer
+    while (step := checkpointer.best_step()) is not None:
+        if step == final_step:
+            return step, None
+        try:
+            _, state = checkpointer.restore(run.template, step=step)
+        except checkpoint.CheckpointError as error:
+            _log.warning("%s", error)
+            continue
+        return step, state
+    _log.warning("no checkpoint carries %s; no best checkpoint to report", checkpointer.best_metric)
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
                        *, log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
@@ -121,136 +393,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns the last step's evaluation of every evaluation split, keyed `<split>/<metric>`, and
     `final/step`. With `config.checkpoint.best_metric`, also the evaluation of the best checkpoint
     by that metric (the earliest on ties), keyed `best/<split>/<metric>`, and `best/step`.
+    Several seeds of one config train as one program with `saljax.train.train_many`.
     """
     log = log or _log.info
-    check_config(config)
-    path = workdir_lib.check_writable(workdir)
-    mesh = parallel.make_mesh(config.num_devices)
-    parallel.check_batch_size(config.batch_size, mesh)
-    ds = config.dataset
-    builder = data.from_config(ds)
-    fill_from_dataset(config, builder.info.features, builder.info.splits)
-    model_def, state = init_from_config(config)
-    primary = jax.process_index() == 0
-    if primary:
-        _warn_if_config_changed(path, config)
-        workdir_lib.save_config(path, config)
-
-    optimizer = make_optimizer(config.optimizer, num_steps=config.num_steps)
-    loss = make_loss(config)
-    # Losses that draw random numbers get fold_in(key(seed), step): resumes draw the same numbers.
-    train_step = make_train_step(model_def, loss, optimizer, mesh=mesh, key=jax.random.key(config.seed))
-    eval_step = make_eval_step(model_def, loss=loss, mesh=mesh, key=jax.random.key(config.seed))
-
-    def new_iterator() -> Any:
-        loader = data.make_loader(builder, ds.train_split, config.batch_size // jax.process_count(), seed=config.seed,
-                                  num_epochs=None, augment=ds.augment, mean=ds.mean, std=ds.std)
-        return iter(loader)
-
-    iterator = new_iterator()
-    ck = config.checkpoint
-    checkpointer = checkpoint.Checkpointer(path, keep_best=ck.keep_best, keep_latest=ck.keep_latest,
-                                           best_metric=ck.best_metric, best_mode=ck.best_mode, async_save=ck.async_save,
-                                           move_corrupt=True)
-    start = 0
-    if checkpointer.latest_step() is not None:
-        try:
-            start, state = checkpointer.restore(state, data_iterator=iterator)
-            log(f"resumed from checkpoint {start} in {path}")
-        except checkpoint.CheckpointError as error:
-            _log.warning("%s; starting from step 0", error)
-            iterator = new_iterator()
-    template = state
-    state = parallel.replicate(state, mesh)
-    writer = MetricWriter(path) if primary else None
-    num_classes = config.model.num_classes
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        results = {}
-        for split in ds.eval_splits:
-            for k, v in _evaluate_split(eval_step, state, builder, split, config, mesh).items():
-                results[f"{split}/{k}"] = v
-        return results
-
-    def ranked(step: int, results: Mapping[str, float]) -> dict[str, float] | None:
-        if not ck.best_metric:
-            return None
-        if ck.best_metric not in results:
-            raise ValueError(f"checkpoint.best_metric {ck.best_metric!r} is not among the evaluation's metrics"
-                             f" {sorted(results)}")
-        return {ck.best_metric: results[ck.best_metric]}
-
-    bar = tqdm(total=config.num_steps, initial=start, disable=not (config.progress and primary), unit="step",
-               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
-    pending = None  # the previous step's metrics, checked while the next step runs
-    window_start, window_steps = time.perf_counter(), 0
-    last_eval: dict[str, float] = {}
-    final_step = max(start, config.num_steps)
-    results: dict[str, float] = {}
+    (path,), mesh, builder = prepare([config], [workdir])
+    run = open_run(config, path, builder, log)
     try:
-        for step in range(start + 1, config.num_steps + 1):
-            batch = next(iterator)
-            batch_lib.validate_batch(batch, num_classes)
-            state, out = train_step(state, parallel.shard_batch(batch, mesh))
-            if pending is not None:
-                _check_finite(*pending)
-            pending = (step, out)
-            window_steps += 1
-            bar.update(1)
-            boundary = step == config.num_steps or step % config.eval_every == 0 or step % ck.every == 0
-            if step % config.log_every == 0 or boundary:
-                fetched = {k: float(v) for k, v in jax.device_get(out).items()}
-                _check_finite(step, fetched)
-                pending = None
-                seconds = time.perf_counter() - window_start
-                fetched["images_per_second"] = window_steps * config.batch_size / max(seconds, 1e-9)
-                window_start, window_steps = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{fetched['loss']:.4f}", acc=f"{fetched['accuracy']:.3f}",
-                                img_s=f"{fetched['images_per_second']:.0f}")
-                if writer:
-                    writer.write(step, {f"train/{k}": v for k, v in fetched.items() if k != "finite"})
-            if step == config.num_steps or step % config.eval_every == 0:
-                last_eval = evaluate(state)
-                log(f"evaluation of checkpoint {step}: {_format(last_eval)}")
-                if writer:
-                    writer.write(step, last_eval)
-                checkpointer.save(step, state, data_iterator=iterator, metrics=ranked(step, last_eval))
-            elif step % ck.every == 0:
-                checkpointer.save(step, state, data_iterator=iterator)
-        if pending is not None:
-            _check_finite(*jax.device_get(pending))
-        bar.close()
-        checkpointer.wait()
-        if not last_eval:  # resumed at or past num_steps
-            last_eval = evaluate(state)
-        results = {**last_eval, "final/step": float(final_step)}
-        if ck.best_metric:
-            best = _best(checkpointer, template, mesh, final_step, last_eval, evaluate)
-            if best is not None:
-                best_step, best_eval = best
-                results.update({f"best/{k}": v for k, v in best_eval.items()})
-                results["best/step"] = float(best_step)
+        (results,) = train_group([run], SingleProgram(run, builder, mesh), log=log)
     finally:
-        bar.close()
-        checkpointer.wait()
-        checkpointer.close()
-        if writer:
-            writer.close()
+        close_run(run)
     return results
-
-
-def _best(checkpointer: checkpoint.Checkpointer, template: TrainState, mesh: Mesh, final_step: int,
-          final_eval: dict[str, float],
-          evaluate: Callable[[TrainState], dict[str, float]]) -> tuple[int, dict[str, float]] | None:
-    """(step, evaluation) of the best checkpoint; a corrupt one is moved aside and the next best used."""
-    while (step := checkpointer.best_step()) is not None:
-        if step == final_step:
-            return step, final_eval
-        try:
-            _, state = checkpointer.restore(template, step=step)
-        except checkpoint.CheckpointError as error:
-            _log.warning("%s", error)
-            continue
-        return step, evaluate(parallel.replicate(state, mesh))
-    _log.warning("no checkpoint carries %s; no best checkpoint to report", checkpointer.best_metric)
-    return None
