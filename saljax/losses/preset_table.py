@@ -73,7 +73,9 @@ def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: 
     # A weight that is not a Python number (a traced value, swept in one program) was checked before tracing.
     if "alpha" in row and isinstance(weight, (int, float)) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {weight}")
-    if "alpha" not in row and weight is not None and not (isinstance(weight, numbers.Real) and 0.0 <= float(weight) < math.inf):
+    traced = hasattr(weight, "shape")  # an array: a swept value, whose concrete values were checked before tracing
+    if ("alpha" not in row and weight is not None and not traced
+            and not (isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0.0 <= float(weight) < math.inf)):
         raise ValueError(f"lam must be a finite number >= 0; got {weight!r}")
     transform = None
     if "transform" in row:
