@@ -105,7 +105,7 @@ def run(args, argv: Sequence[str]) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("suite", help="a suite name (a file of experiments/configs/, e.g. decoy_mnist, red_herring_cpu) or a config file")
+    parser.add_argument("suite", help="a suite name in experiments/configs/ (e.g. decoy_mnist) or a config file")
     parser.add_argument("--seeds", default=None, metavar="N", help="seeds per method (default 5; --quick: the suite's)")
     parser.add_argument("--quick", action="store_true", help="the suite's quick settings: fewer seeds and steps")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the suite's methods")
