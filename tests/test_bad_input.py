@@ -104,25 +104,6 @@ def _refused(capsys, argv, code, message) -> str:
     return err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the runs below compile the same steps again."""
-    from jax._src import compilation_cache  # reset_cache: to leave no cache to the other modules
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    if saved["jax_compilation_cache_dir"]:  # the environment's own cache: keep it
-        yield
-        return
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    compilation_cache.reset_cache()
-    for key, value in saved.items():
-        jax.config.update(key, value)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The tiny decoy_digits dataset, built by the first case that trains."""
@@ -560,7 +541,7 @@ COMMAND_CASES = [
                 "loss.lam=-2"], 2,
      "lam must be a finite number >= 0; got -2"),
     ("experiment-usage-seeds-not-a-number", lambda t: ["experiment", DIGITS, "--seeds", "x"], 2,
-     "argument --seeds: invalid int value: 'x'"),
+     "--seeds must be an integer >= 1; got 'x'"),
 ]
 
 

@@ -99,14 +99,14 @@ def _check_finite(step: int, out: Mapping[str, Any], where: str = "") -> None:
     terms = [k for k, v in values.items() if k != "loss" and not np.isfinite(v)]
     if terms:
         finite = [k for k, v in values.items() if k != "loss" and np.isfinite(v)]
-        where = "non-finite term(s) " + ", ".join(f"{k} = {values[k]}" for k in terms)
+        what = "non-finite term(s) " + ", ".join(f"{k} = {values[k]}" for k in terms)
         if finite:
-            where += "; finite: " + ", ".join(f"{k} = {values[k]:.4g}" for k in finite)
+            what += "; finite: " + ", ".join(f"{k} = {values[k]:.4g}" for k in finite)
     elif not np.isfinite(values["loss"]):
-        where = f"loss = {values['loss']}"
+        what = f"loss = {values['loss']}"
     else:
-        where = f"gradient norm = {float(out['grad_norm'])} (every loss term finite)"
-    raise workdir_lib.NonFiniteError(f"{where}non-finite loss at step {step} (the first such step): {where}. Stopping; no"
+        what = f"gradient norm = {float(out['grad_norm'])} (every loss term finite)"
+    raise workdir_lib.NonFiniteError(f"{where}non-finite loss at step {step} (the first such step): {what}. Stopping; no"
                                  " checkpoint holds these values (try a lower learning rate or loss weight)")
 
 
