@@ -8,7 +8,8 @@ Singh, Murdoch, Yu, ICML 2020) penalises the share of the logits that ``beta`` e
 - input: ``beta = region * x``, ``gamma = (1 - region) * x``;
 - convolution and dense layers (every ``conv_impl``): the weights act on both parts; the bias is
   split in proportion to ``|W beta|`` and ``|W gamma|`` (each plus 1e-20, as the authors' code):
-  ``beta' = W beta + b |W beta| / (|W beta| + |W gamma|)``;
+  ``beta' = W beta + b |W beta| / (|W beta| + |W gamma|)``; its derivative takes ``|x|' = 0`` at 0 (as
+  PyTorch) and stays finite in float32 where both parts are 0;
 - BatchNorm as the affine map ``y = m x + c`` (``m = scale / sqrt(var + eps)``,
   ``c = bias - m mean``), ``c`` split like a bias. Eval mode (``use_running_average=True``) uses the
   running statistics. Train mode uses the batch statistics of ``beta + gamma`` (the ordinary
@@ -77,10 +78,33 @@ def register_activation(fn: Callable[[jax.Array], jax.Array], name: str | None =
     _ACTIVATIONS[fn] = name or str(getattr(fn, "__name__", repr(fn)))
 
 
+@jax.custom_jvp
+def _share(beta: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``beta``'s share of a bias: ``(|beta| + eps) / (|beta| + |gamma| + 2 eps)``."""
+    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
+    return pb / (pb + pg)
+
+
+@_share.defjvp
+def _share_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    # d share = ((1 - share) sign(beta) d beta - share sign(gamma) d gamma) / (|beta| + |gamma| + 2 eps),
+    # with |x|' = sign(x), 0 at 0 (as PyTorch, the authors' framework). Written out because autodiff
+    # of the quotient gives 1 / (pb + pg)^2 = 1 / 4e-40 where both parts are 0: subnormal in float32,
+    # flushed to 0 on CPU (inf, then NaN gradients wherever a whole window of an activation is 0, as
+    # after ReLU in a ResNet); and JAX's |x|' = 1 at 0 would carry that 2.5e19 factor on, layer
+    # after layer, where PyTorch's stops it.
+    beta, gamma = primals
+    d_beta, d_gamma = tangents
+    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
+    total = pb + pg
+    share = pb / total
+    d_share = (jnp.sign(beta) * d_beta * (1 - share) - jnp.sign(gamma) * d_gamma * share) / total
+    return share, d_share
+
+
 def _split_bias(beta: jax.Array, gamma: jax.Array, bias: jax.Array) -> Parts:
     """``(beta + share_b * bias, gamma + share_g * bias)``, shares proportional to ``|beta|``, ``|gamma|``."""
-    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
-    share = pb / (pb + pg)
+    share = _share(beta, gamma)
     return beta + share * bias, gamma + (1 - share) * bias
 
 
