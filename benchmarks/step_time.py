@@ -125,7 +125,8 @@ def measure(args) -> dict:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     profiles = {}
-    for name in (["ce"] if "ce" in names else []) + (args.op_profile.split(",") if args.op_profile else []):
+    wanted = args.op_profile.split(",") if args.op_profile else []
+    for name in (["ce"] if wanted and "ce" in names else []) + wanted:
         profiles[name] = _op_profile(steps[name], states, name, batch, with_ops=name != "ce")
         states[name] = profiles[name].pop("state")
     return {
