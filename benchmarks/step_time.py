@@ -13,7 +13,9 @@ all alike; the table reports medians after warm-up and each loss's ratio to the 
 `--conv both` also times every loss on the same model built with `conv_impl="xla"` (every
 convolution as `lax.conv_general_dilated`, what `conv_impl="auto"` uses off CPU and for stride 1),
 interleaved with the default steps, and adds that form's ratios and the speed-up of saljax's CPU
-form over it.
+form over it. `--op-profile rbr,cdep` adds, for those losses and CE, XLA's FLOP and byte counts per
+step (its cost analysis of the compiled step) and the time per XLA op kind over 3 steps (a
+jax.profiler trace, threads summed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep-devices", default=None, help="comma-separated device counts, one subprocess each")
     p.add_argument("--conv", default="saljax", choices=("saljax", "both"),
                    help="'both': also time each loss with lax.conv_general_dilated for every conv")
+    p.add_argument("--op-profile", default=None, help="comma-separated losses: XLA cost analysis and op profile")
     p.add_argument("--json", action="store_true", help="print one JSON object (used by --sweep-devices)")
     p.add_argument("--write", default=None, help="also write the Markdown table to this file")
     return p.parse_args(argv)
@@ -121,7 +124,13 @@ def measure(args) -> dict:
             jax.block_until_ready(out)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    profiles = {}
+    wanted = args.op_profile.split(",") if args.op_profile else []
+    for name in (["ce"] if wanted and "ce" in names else []) + wanted:
+        profiles[name] = _op_profile(steps[name], states, name, batch, with_ops=name != "ce")
+        states[name] = profiles[name].pop("state")
     return {
+        "profiles": profiles,
         "medians_ms": {k: 1e3 * v for k, v in medians.items()},
         # Each loss against the CE step with the same convolutions.
         "ratio_to_ce": {k: v / medians["ce" + _split_name(k)[1]] for k, v in medians.items()}
@@ -131,6 +140,42 @@ def measure(args) -> dict:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
     }
+
+
+def _op_profile(step, states: dict, name: str, batch: dict, *, with_ops: bool) -> dict:
+    """XLA's FLOP and byte counts of the compiled step and, `with_ops`, time per op kind over 3 steps."""
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    analysis = step.lower(states[name], batch).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    out = {"gflop": analysis.get("flops", 0.0) / 1e9, "gbytes": analysis.get("bytes accessed", 0.0) / 1e9}
+    state = states[name]
+    if with_ops:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(3):
+                    state, metrics = step(state, batch)
+                    jax.block_until_ready(metrics)
+            (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+            with gzip.open(path) as f:
+                events = json.load(f)
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        totals: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for e in events:
+            op = (e.get("args") or {}).get("hlo_op")
+            if e.get("ph") == "X" and op:
+                kind = re.sub(r"\.\d+$", "", op)  # convolution.12 -> convolution
+                totals[kind] = totals.get(kind, 0.0) + e.get("dur", 0.0)
+                calls[kind] = calls.get(kind, 0) + 1
+        out["ops"] = [(kind, us / 1e3, calls[kind]) for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])]
+    out["state"] = state
+    return out
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -164,6 +209,22 @@ def table(args, result: dict) -> str:
             other = medians.get(name + "@lax")
             row += f" {other / ms:.2f}x |" if other else " |"
         lines.append(row)
+    profiles = result.get("profiles", {})
+    if profiles:
+        ce = profiles.get("ce", {})
+        lines += ["", "XLA's cost analysis of the compiled step:", "",
+                  "| loss | GFLOP per step | GB accessed | FLOP ratio to CE |", "|---|---|---|---|"]
+        for name, prof in profiles.items():
+            ratio = f"{prof['gflop'] / ce['gflop']:.2f}" if ce.get("gflop") else "-"
+            lines.append(f"| {name} | {prof['gflop']:.2f} | {prof['gbytes']:.2f} | {ratio} |")
+        for name, prof in profiles.items():
+            if not prof.get("ops"):
+                continue
+            total = sum(ms for _, ms, _ in prof["ops"]) or 1.0
+            lines += ["", f"jax.profiler, {name}, 3 steps (time per XLA op kind, numbering stripped, threads summed):", "", "```",
+                      f"{'XLA op':<44}{'share':>8}{'total ms':>12}{'calls':>8}"]
+            lines += [f"{kind[:43]:<44}{ms / total:>8.1%}{ms:>12.1f}{n:>8}" for kind, ms, n in prof["ops"][:15]]
+            lines += [f"{'all ops':<44}{'':>8}{total:>12.1f}", "```"]
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/vs_torch.py                       # CPU table, writes benchmarks/RESULTS.md
     .venv/bin/python benchmarks/vs_torch.py --device gpu          # ResNet-50, 224 px, batch 64, fp32 + bf16
     .venv/bin/python benchmarks/vs_torch.py --models simple_cnn --losses ce,gradmask --reps 3 --out -
+    .venv/bin/python benchmarks/vs_torch.py --losses methods --frameworks saljax,torch_eager,torch_compile
+                                                                  # the comparison methods and CDEP
 
 Frameworks, each in its own process (so that each has its own peak memory and no framework's
 threads or caches disturb another's):
@@ -49,6 +51,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("saljax", "torch_eager", "torch_compile", "torch_func_compile")
 LOSSES = ("ce", "gradmask", "rrr", "cyborg", "dd_difference", "dd_paired", "dd_divergence")
+# The field's comparison methods and CDEP (`--losses methods`). PyTorch's losses for them run on the
+# eager graph only (autograd.grad on it, second passes, the decomposition reading the modules), so
+# torch.func has no route for them.
+METHOD_LOSSES = ("actdiff", "rrr_g", "hint", "rbr", "sgt", "counterexamples", "cdep")
+# Random draws of the methods that perturb the batch: (term name, shape: "image" or "pixels"). saljax
+# draws them in its jitted step; PyTorch's losses read them from the batch, drawn anew every step
+# (torch.rand), as the authors' code draws them.
+DRAWS = {"actdiff": [("actdiff", "pixels")], "sgt": [("sgt", "image")],
+         "counterexamples": [("ce_transformed", "image")]}
 INPUT_GRADIENT_LOSSES = ("gradmask", "gradmask_midl", "rrr")
 PRESETS = {
     # model, image size, batch, model kwargs, dtypes
@@ -117,9 +128,10 @@ def saljax_step(cfg: dict[str, Any]) -> Step:
     def clf(params, model_state):
         return classifier.from_nnx(model_def.train, params, model_state)
 
+    key = {"key": jax.random.key(0)} if loss.needs_key else {}
     forward = jax.jit(lambda p, s, x: clf(p, s)(x))
-    value = jax.jit(lambda p, s, b: loss(clf(p, s), b)[0])
-    grads = jax.jit(jax.grad(lambda p, s, b: loss(clf(p, s), b)[0]))
+    value = jax.jit(lambda p, s, b: loss(clf(p, s), b, **key)[0])
+    grads = jax.jit(jax.grad(lambda p, s, b: loss(clf(p, s), b, **key)[0]))
 
     def phase(fn: Callable, *args) -> Callable[[], None]:
         return lambda: jax.block_until_ready(fn(*args))
@@ -193,6 +205,15 @@ def torch_step(cfg: dict[str, Any], route: str) -> Step:
              "label": torch.from_numpy(arrays["label"].astype("int64")).to(device),
              "saliency_map": torch.from_numpy(arrays["saliency_map"]).to(device),
              "has_map": torch.from_numpy(arrays["has_map"]).to(device)}
+    b, _, h, w = batch["image"].shape
+    draw_shapes = {"image": tuple(batch["image"].shape), "pixels": (b, h * w)}
+    draws = [(f"uniform/{name}", draw_shapes[kind]) for name, kind in DRAWS.get(cfg["loss"], [])]
+
+    def redraw() -> None:
+        for name, shape in draws:
+            batch[name] = torch.rand(shape, device=device)
+
+    redraw()
 
     def autocast():
         if cfg["dtype"] == "bfloat16":
@@ -241,6 +262,7 @@ def torch_step(cfg: dict[str, Any], route: str) -> Step:
                 p.grad = g[n]
 
     def run() -> None:
+        redraw()
         optimizer.zero_grad(set_to_none=True)
         grads()
         optimizer.step()
@@ -591,7 +613,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--models", help="comma-separated: simple_cnn, resnet18, resnet50 (default: the device's preset)")
-    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated methods (default {','.join(LOSSES)})")
+    p.add_argument("--losses", default=",".join(LOSSES),
+                   help=f"comma-separated methods (default {','.join(LOSSES)}); 'methods': {','.join(METHOD_LOSSES)}")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated, from {','.join(FRAMEWORKS)}")
     p.add_argument("--dtypes", help="comma-separated: float32, bfloat16 (default: the device's preset)")
     p.add_argument("--batch", type=int)
@@ -616,7 +639,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     preset = PRESETS[args.device]
     args.models = args.models.split(",") if args.models else list(preset["models"])
     args.dtypes = args.dtypes.split(",") if args.dtypes else list(preset["dtypes"])
-    args.losses = args.losses.split(",")
+    args.losses = [m for name in args.losses.split(",") for m in (METHOD_LOSSES if name == "methods" else (name,))]
     args.frameworks = args.frameworks.split(",")
     for fw in args.frameworks:
         if fw not in FRAMEWORKS:

@@ -1,4 +1,4 @@
-"""Contextual decomposition (CD) of the torch SimpleCNN, XILCNN and MLP, as `saljax.models.decomposition`.
+"""Contextual decomposition (CD) of the torch SimpleCNN, XILCNN, MLP and ResNets, as `saljax.models.decomposition`.
 
 CD (Murdoch, Liu, Yu, ICLR 2018; Singh, Murdoch, Yu, ICLR 2019; used by CDEP, Rieger, Singh,
 Murdoch, Yu, ICML 2020) carries `beta`, the contribution of an input region, and `gamma`, that of
@@ -13,7 +13,9 @@ the CDEP authors' PyTorch code propagates them, with saljax's choices:
   the forward pass); the running statistics are never read or updated there. In eval mode they use
   the running statistics;
 - elementwise activations `f`: `(f(beta), f(beta + gamma) - f(beta))`;
-- max-pool: both parts at the argmax of `beta + gamma`; average pooling and flattening act on both.
+- max-pool (with `-inf` padding, as the ResNets' 3x3/2 stem pool): both parts at the argmax of
+  `beta + gamma`; average pooling, global average pooling, residual additions and flattening act
+  on both parts.
 
 `decompose(model, x, region)` refuses a model type it has no rule for, naming it.
 """
@@ -97,11 +99,20 @@ def _activation(fn, parts: Parts) -> Parts:
     return f_beta, fn(beta + gamma) - f_beta
 
 
-def _max_pool(parts: Parts, window: int, stride: int) -> Parts:
+def _max_pool(parts: Parts, window: int, stride: int, padding: int = 0) -> Parts:
     beta, gamma = parts
-    _, index = F.max_pool2d(beta + gamma, window, stride, return_indices=True)
+    # The indices point into the unpadded map (F.max_pool2d pads with -inf, as saljax).
+    _, index = F.max_pool2d(beta + gamma, window, stride, padding, return_indices=True)
     pick = lambda v: v.flatten(2).gather(2, index.flatten(2)).view(index.shape)
     return pick(beta), pick(gamma)
+
+
+def _add(p: Parts, q: Parts) -> Parts:
+    return p[0] + q[0], p[1] + q[1]
+
+
+def _global_avg_pool(parts: Parts) -> Parts:
+    return parts[0].mean(dim=(2, 3)), parts[1].mean(dim=(2, 3))
 
 
 def _flatten(parts: Parts) -> Parts:
@@ -119,7 +130,7 @@ def _simple_cnn(model: models.SimpleCNN, parts: Parts) -> Parts:
         parts = _activation(model.activation, _layer(norm, _layer(conv, parts)))
     parts = _head_dtype(parts)
     if model.head_type == "gap":
-        return _layer(model.classifier, (parts[0].mean(dim=(2, 3)), parts[1].mean(dim=(2, 3))))
+        return _layer(model.classifier, _global_avg_pool(parts))
     return _layer(model.classifier, _activation(model.activation, _layer(model.hidden, _flatten(parts))))
 
 
@@ -137,7 +148,40 @@ def _mlp(model: models.MLP, parts: Parts) -> Parts:
     return _layer(model.classifier, _head_dtype(parts))
 
 
-_MODELS = {models.SimpleCNN: _simple_cnn, models.XILCNN: _xil_cnn, models.MLP: _mlp}
+def _shortcut(block: nn.Module, parts: Parts) -> Parts:
+    if block.downsample_conv is None:
+        return parts
+    return _layer(block.downsample_bn, _layer(block.downsample_conv, parts))
+
+
+def _basic_block(block: nn.Module, parts: Parts) -> Parts:
+    y = _activation(block.activation, _layer(block.bn1, _layer(block.conv1, parts)))
+    y = _layer(block.bn2, _layer(block.conv2, y))
+    return _activation(block.activation, _add(y, _shortcut(block, parts)))
+
+
+def _bottleneck(block: nn.Module, parts: Parts) -> Parts:
+    y = _activation(block.activation, _layer(block.bn1, _layer(block.conv1, parts)))
+    y = _activation(block.activation, _layer(block.bn2, _layer(block.conv2, y)))
+    y = _layer(block.bn3, _layer(block.conv3, y))
+    return _activation(block.activation, _add(y, _shortcut(block, parts)))
+
+
+_BLOCKS = {models._BasicBlock: _basic_block, models._Bottleneck: _bottleneck}
+
+
+def _resnet(model: models._ResNet, parts: Parts) -> Parts:
+    parts = _activation(model.activation, _layer(model.bn1, _layer(model.conv1, parts)))
+    if model.stem == "imagenet":
+        parts = _max_pool(parts, 3, 2, 1)
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            parts = _BLOCKS[type(block)](block, parts)
+    return _layer(model.classifier, _global_avg_pool(_head_dtype(parts)))
+
+
+_MODELS = {models.SimpleCNN: _simple_cnn, models.XILCNN: _xil_cnn, models.MLP: _mlp,
+           models.ResNet18: _resnet, models.ResNet50: _resnet}
 
 
 def decompose(model: nn.Module, x: torch.Tensor, region: torch.Tensor) -> Parts:

@@ -6,17 +6,19 @@ travel in saljax's layouts (NHWC images, flax paths and kernels); `layout` conve
 IN.npz:
   `spec`                  JSON (a 0-d str array): {"models": {name: {"name": "simple_cnn" | ...,
                           "kwargs": {...}}}, "cases": [{"id", "model", "batch", "dtype",
-                          "method", "options"}], "threads": int | null}
+                          "method", "options", "route", "train"}], "threads": int | null}
   `model/<name>/<path>`   the model's parameters and BatchNorm statistics (flax paths, float64)
   `batch/<name>/<key>`    image (B, H, W, C), label (B,), saliency_map, has_map
   `draws/<id>/uniform/<term>`  saljax's random draws of a case, for the terms that perturb the batch
                           (NHWC for images); merged into that case's batch
 
-OUT.npz, for every case id (the model is loaded afresh for each case, in train mode):
+OUT.npz, for every case id (the model is loaded afresh for each case, in train mode unless the case
+says `"train": false`):
   `case/<id>/loss`, `case/<id>/term/<name>`, `case/<id>/logits`
   `case/<id>/grad/<path>`   d loss / d parameter, flax path and layout
   `case/<id>/state/<path>`  BatchNorm statistics after the step (PyTorch's unbiased running_var)
-  `case/<id>/count/<path>`  values per channel N = B*h*w that each BatchNorm saw (path of its module)
+  `case/<id>/count/<path>`  values per channel N = B*h*w that each BatchNorm saw (path of its module;
+                            train mode only, where the running statistics move)
   `case/<id>/error`         the exception, when the case failed (the other cases still run)
 """
 
@@ -88,7 +90,7 @@ def run_case(model: models._Classifier, batch: Mapping[str, torch.Tensor], metho
         return hook
 
     handles = [m.register_forward_pre_hook(count(n)) for n in model.norm_modules
-               for m in [model.get_submodule(n)]]
+               for m in [model.get_submodule(n)] if model.training]
     try:
         loss = losses.for_method(method, **options)
         model.zero_grad(set_to_none=True)
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(spec["models"][case["model"]], _prefixed(arrays, f"model/{case['model']}/"), dtype)
             draws = _prefixed(arrays, f"draws/{case['id']}/")  # this case's random draws, if any
             batch = to_torch_batch({**_prefixed(arrays, f"batch/{case['batch']}/"), **draws}, dtype)
+            model.train(bool(case.get("train", True)))
             result = run_case(model, batch, case["method"], case.get("options", {}), case.get("route", "eager"))
             out.update({prefix + k: v for k, v in result.items()})
         except Exception:  # reported per case, so one failure does not hide the others

@@ -8,7 +8,8 @@ Singh, Murdoch, Yu, ICML 2020) penalises the share of the logits that ``beta`` e
 - input: ``beta = region * x``, ``gamma = (1 - region) * x``;
 - convolution and dense layers (every ``conv_impl``): the weights act on both parts; the bias is
   split in proportion to ``|W beta|`` and ``|W gamma|`` (each plus 1e-20, as the authors' code):
-  ``beta' = W beta + b |W beta| / (|W beta| + |W gamma|)``;
+  ``beta' = W beta + b |W beta| / (|W beta| + |W gamma|)``; its derivative takes ``|x|' = 0`` at 0 (as
+  PyTorch) and stays finite in float32 where both parts are 0;
 - BatchNorm as the affine map ``y = m x + c`` (``m = scale / sqrt(var + eps)``,
   ``c = bias - m mean``), ``c`` split like a bias. Eval mode (``use_running_average=True``) uses the
   running statistics. Train mode uses the batch statistics of ``beta + gamma`` (the ordinary
@@ -37,6 +38,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from saljax.models import conv as conv_lib
 
 __all__ = [
     "Parts",
@@ -77,10 +80,33 @@ def register_activation(fn: Callable[[jax.Array], jax.Array], name: str | None =
     _ACTIVATIONS[fn] = name or str(getattr(fn, "__name__", repr(fn)))
 
 
+@jax.custom_jvp
+def _share(beta: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``beta``'s share of a bias: ``(|beta| + eps) / (|beta| + |gamma| + 2 eps)``."""
+    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
+    return pb / (pb + pg)
+
+
+@_share.defjvp
+def _share_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    # d share = ((1 - share) sign(beta) d beta - share sign(gamma) d gamma) / (|beta| + |gamma| + 2 eps),
+    # with |x|' = sign(x), 0 at 0 (as PyTorch, the authors' framework). Written out because autodiff
+    # of the quotient gives 1 / (pb + pg)^2 = 1 / 4e-40 where both parts are 0: subnormal in float32,
+    # flushed to 0 on CPU (inf, then NaN gradients wherever a whole window of an activation is 0, as
+    # after ReLU in a ResNet); and JAX's |x|' = 1 at 0 would carry that 2.5e19 factor on, layer
+    # after layer, where PyTorch's stops it.
+    beta, gamma = primals
+    d_beta, d_gamma = tangents
+    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
+    total = pb + pg
+    share = pb / total
+    d_share = (jnp.sign(beta) * d_beta * (1 - share) - jnp.sign(gamma) * d_gamma * share) / total
+    return share, d_share
+
+
 def _split_bias(beta: jax.Array, gamma: jax.Array, bias: jax.Array) -> Parts:
     """``(beta + share_b * bias, gamma + share_g * bias)``, shares proportional to ``|beta|``, ``|gamma|``."""
-    pb, pg = jnp.abs(beta) + _EPS, jnp.abs(gamma) + _EPS
-    share = pb / (pb + pg)
+    share = _share(beta, gamma)
     return beta + share * bias, gamma + (1 - share) * bias
 
 
@@ -111,11 +137,18 @@ def _conv(conv: nnx.Conv, parts: Parts) -> Parts:
     kernel = conv.kernel[...]
     dtype = conv.dtype or jnp.result_type(parts[0], kernel)
 
+    # The module's own convolution function, except for conv_impl 'auto': its matmul form of strided
+    # convolutions on CPU pays off in double backprop, while the decomposition is differentiated
+    # once, where XLA's convolution is faster (a SimpleCNN CDEP step took 1.4x as long with the
+    # matmul form). Same maths either way.
+    conv_fn = conv.conv_general_dilated
+    if conv_fn is conv_lib.auto_conv_general_dilated:
+        conv_fn = jax.lax.conv_general_dilated
+
     def apply(x: jax.Array) -> jax.Array:
         dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-        # The module's own convolution function: the matmul form too, for conv_impl 'matmul'/'auto'.
-        return conv.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), strides, padding,
-                                         dimension_numbers=dims, precision=conv.precision)
+        return conv_fn(x.astype(dtype), kernel.astype(dtype), strides, padding, dimension_numbers=dims,
+                       precision=conv.precision)
 
     beta, gamma = _both(apply, parts)
     if conv.bias is None:

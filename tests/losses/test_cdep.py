@@ -172,3 +172,24 @@ def test_refuses_a_batch_without_maps():
     del batch["saliency_map"]
     with pytest.raises(ValueError, match="saliency_map"):
         losses.combine(losses.cdep())(_nnx_classifier(model), batch)
+
+
+def test_bias_split_gradient_is_finite_where_both_parts_vanish():
+    """float32 under jit: where beta = gamma = 0 (a window that ReLU zeroed), the bias share's derivative
+    is taken with |x|' = 0 at 0 (as PyTorch) and without squaring the 2e-20 denominator, which
+    underflows; several such layers in a row used to give inf and NaN gradients (ResNet-18)."""
+    beta = jnp.asarray([0.0, 0.0, 0.5, -1e-3], jnp.float32)
+    gamma = jnp.asarray([0.0, 1.0, 0.0, 2e-3], jnp.float32)
+
+    def f(beta, gamma):
+        parts = (beta, gamma)
+        for bias in (0.3, -0.2, 0.7):  # three layers: weights 2, then the bias split
+            parts = decomposition._split_bias(2.0 * parts[0], 2.0 * parts[1], jnp.float32(bias))
+        return jnp.sum(parts[0] - 3.0 * parts[1])
+
+    gb, gg = jax.jit(jax.grad(f, (0, 1)))(beta, gamma)
+    assert np.all(np.isfinite(gb)) and np.all(np.isfinite(gg))
+    with jax.enable_x64(True):  # float64 has no underflow here
+        want = jax.jit(jax.grad(f, (0, 1)))(jnp.asarray(beta, jnp.float64), jnp.asarray(gamma, jnp.float64))
+    np.testing.assert_allclose(gb, want[0], rtol=1e-5)
+    np.testing.assert_allclose(gg, want[1], rtol=1e-5)

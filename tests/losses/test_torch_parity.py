@@ -2,8 +2,8 @@
 
 For every model (SimpleCNN with the GAP and the MLP head, ResNet18, ResNet50) and every loss (all
 `saljax.losses.METHODS` presets and their options), in float64 and in float32, with BatchNorm in
-train mode, the loss value, each term, the logits, the gradient of every parameter and the updated
-BatchNorm statistics must agree:
+train mode (and for CDEP also in eval mode), the loss value, each term, the logits, the gradient of
+every parameter and the updated BatchNorm statistics must agree:
 
     relative error = max |saljax - torch| / max(max |torch|, floor)   per tensor
     float64: <= 1e-5    float32: <= 1e-4
@@ -46,7 +46,7 @@ import pytest
 from flax import nnx
 
 from baselines.torch import bridge, layout
-from saljax import classifier, losses
+from saljax import classifier, losses, models
 
 # One worker computes every case (the PyTorch side runs once, in one subprocess): `--dist loadgroup`.
 pytestmark = pytest.mark.xdist_group("torch_parity")
@@ -97,11 +97,13 @@ class Case(NamedTuple):
     options: dict
     dtypes: tuple[str, ...] = DTYPES
     routes: tuple[str, ...] = ROUTES
+    train: bool = True  # False: BatchNorm in eval mode (running statistics) on both sides
 
     @property
     def name(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        return "-".join(filter(None, [self.model if self.batch == self.model else self.batch, self.method, opts]))
+        mode = "" if self.train else "eval"
+        return "-".join(filter(None, [self.model if self.batch == self.model else self.batch, self.method, opts, mode]))
 
 
 # Methods whose losses draw random numbers: (term name, draw shape: "image" (B, H, W, C) or "pixels"
@@ -170,6 +172,13 @@ CASES = [
     Case("cnn_mlp", "cnn_mlp", "cdep", {"lam": 2.0}, ("float64",), routes=EAGER),
     Case("xil", "xil", "cdep", {}, routes=EAGER),
     Case("mlp", "mlp", "cdep", {}, routes=EAGER),
+    # ResNets: residual additions, downsampling shortcuts, BatchNorm in train mode (batch statistics
+    # of beta + gamma) and in eval mode (running statistics), GAP; ResNet50 adds the ImageNet stem's
+    # padded max-pool and bottlenecks. float64 only: in float32 ResNet18's gradients differ from
+    # PyTorch's by ~1.4e-4, the same ill-conditioned bias split as cnn_mlp's.
+    Case("resnet18", "resnet18", "cdep", {}, ("float64",), routes=EAGER),
+    Case("resnet18", "resnet18", "cdep", {}, ("float64",), routes=EAGER, train=False),
+    Case("resnet50", "resnet50", "cdep", {}, ("float64",), routes=EAGER),
 ]
 assert len({c.name for c in CASES}) == len(CASES)
 # (case id, case, dtype) for every comparison.
@@ -259,17 +268,19 @@ def _saljax_side(model_key: str, dtype_name: str, weights: dict, batches: dict) 
         return {}
     with jax.enable_x64(dtype_name == "float64"):
         dtype = jnp.dtype(dtype_name)
-        graphdef, params, state = nnx.split(bridge.abstract_model(MODELS[model_key], dtype), nnx.Param, ...)
+        abstract = bridge.abstract_model(MODELS[model_key], dtype)
+        graphdef, params, state = nnx.split(abstract, nnx.Param, ...)
+        graphdefs = {True: graphdef, False: nnx.graphdef(models.in_mode(abstract, train=False))}
         params = bridge.load_flat(params, weights, dtype)
         state = bridge.load_flat(state, weights, dtype)
         jax_batches = {c.batch: _jax_batch(batches[c.batch], dtype) for _, c in runs}
-        loss_fns = [(case_id, losses.for_method(c.method, **c.options), c.batch) for case_id, c in runs]
+        loss_fns = [(case_id, losses.for_method(c.method, **c.options), c.batch, graphdefs[c.train]) for case_id, c in runs]
 
         def run(params, state, batches):
             out = {}
-            for case_id, loss, batch in loss_fns:
-                def loss_of(p, loss=loss, batch=batch):
-                    return loss(classifier.from_nnx(graphdef, p, state), batches[batch], key=jax.random.key(KEY))
+            for case_id, loss, batch, gdef in loss_fns:
+                def loss_of(p, loss=loss, batch=batch, gdef=gdef):
+                    return loss(classifier.from_nnx(gdef, p, state), batches[batch], key=jax.random.key(KEY))
 
                 (value, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
                 out[case_id] = (value, aux.logits, aux.terms, grads, aux.state)
@@ -342,7 +353,7 @@ def parity(request) -> dict[str, list[str]]:
     spec = {
         "models": {k: {"name": m["name"], "kwargs": m["kwargs"]} for k, m in MODELS.items()},
         "cases": [{"id": _file_id(f"{case_id}-{route}"), "model": c.model, "batch": c.batch, "dtype": dtype,
-                   "method": c.method, "options": c.options, "route": route}
+                   "method": c.method, "options": c.options, "route": route, "train": c.train}
                   for case_id, c, dtype in RUNS for route in c.routes],
         "threads": 1,  # the saljax side compiles meanwhile
     }
