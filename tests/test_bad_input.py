@@ -104,13 +104,13 @@ def _refused(capsys, argv, code, message) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The tiny decoy_digits dataset, built by the first case that trains."""
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory):
     """A 4-step run: checkpoints 2 (the best: every step ties) and 4 (the latest). Copy it before changing it."""
     run = tmp_path_factory.mktemp("trained") / "run"

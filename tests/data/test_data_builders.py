@@ -30,7 +30,7 @@ SPLITS = {
 CHANNELS = {"decoy_digits": 1, "synthetic_distractor": 1, "spurious_binary": 3}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return os.fspath(tmp_path_factory.mktemp("tfds"))
 

@@ -49,7 +49,7 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spurious(tmp_path_factory: pytest.TempPathFactory) -> tfds.core.DatasetBuilder:
     return sd.build(
         "spurious_binary",

@@ -18,12 +18,12 @@ SPLITS = ("train", "validation", "test")
 CORNERS = {(0, 0), (0, 24), (24, 0), (24, 24)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return os.fspath(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built(data_dir: str) -> tfds.core.DatasetBuilder:
     return sd.build("decoy_mnist", data_dir, **TINY)
 

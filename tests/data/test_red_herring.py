@@ -20,7 +20,7 @@ LEFT = np.s_[23:25, 3:6]
 RIGHT = np.s_[23:25, 22:25]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tfds.core.DatasetBuilder:
     return sd.build("red_herring", os.fspath(tmp_path_factory.mktemp("tfds")), **TINY)
 

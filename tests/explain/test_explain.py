@@ -50,12 +50,12 @@ def make_batches(n: int = 12, batch: int = 5, has_map=None, seed: int = 0) -> li
     return [{k: v[i : i + batch] for k, v in data.items()} for i in range(0, n, batch)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model() -> nnx.Module:
     return tiny_model()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def report(model, tmp_path_factory):
     has_map = np.ones(12, bool)
     has_map[[3, 7]] = False

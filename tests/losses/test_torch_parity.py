@@ -339,7 +339,7 @@ def _compare(got: dict, want: dict, dtype_name: str) -> tuple[list[str], dict[st
 # --- fixtures and tests ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def parity(request) -> dict[str, list[str]]:
     """{case id: mismatch lines} for every case (empty list: the case agrees)."""
     try:

@@ -59,7 +59,7 @@ def _probe(model, x):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def probed():
     cache = {}
 

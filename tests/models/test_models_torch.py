@@ -75,7 +75,7 @@ def _saljax(key: str, method: str, dtype_name: str, weights: dict, batch: dict) 
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def results() -> dict[str, list[str]]:
     bridge.torch_python()  # raises with the way to set it up
     weights = {k: _weights(k, i) for i, k in enumerate(MODELS)}

@@ -64,7 +64,7 @@ def _assert_same_run(many, alone, tolerance):
     assert _max_difference(_state(many), _state(alone)) <= tolerance
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def float64_runs(tmp_path_factory):
     """Separate runs of (seed 0, lam 10), (seed 1, lam 10) and (seed 0, lam 100), in float64."""
     root = tmp_path_factory.mktemp("many")

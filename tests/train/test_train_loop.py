@@ -22,7 +22,7 @@ def _args(dataset, method, workdir, data_dir, *extra):
             *TINY[dataset], *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
