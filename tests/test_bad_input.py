@@ -516,6 +516,8 @@ COMMAND_CASES = [
      "expected a JSON object"),
     ("explain-usage-missing-out", lambda t: ["explain", "--checkpoint", t], 2,
      "the following arguments are required: --out"),
+    ("explain-out-is-a-file", lambda t: ["explain", "--checkpoint", t / "nowhere", "--out", _write(t / "report.md", "mine")],
+     2, "report.md' is a file; expected a directory"),
     # explain's options are checked before the checkpoint is read or data built (this one does not exist)
     *[(f"explain-option-{option[2:]}", lambda t, o=option, v=value: ["explain", "--checkpoint", t / "nowhere", "--out",
                                                                       t / "out", o, v], 2, message)

@@ -125,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
         unknown = [m.strip() for m in (args.methods or "").split(",") if m.strip() and m.strip() not in METHODS]
         if unknown:
             raise ValueError(f"unknown explanation method(s) {unknown}; expected some of {METHODS}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a file; expected a directory (or a path to create)")
     except ValueError as err:
         if getattr(args, "debug", False):
             raise
