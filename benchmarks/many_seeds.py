@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from _machine import commit, describe
 
 MODELS = {
     # name: (saljax model, kwargs, image size, channels, classes): the suites' shapes
@@ -51,25 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each program after compiling")
     p.add_argument("--write", default=None, help="also write the Markdown page to this file")
     return p.parse_args(argv)
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _program_mib(compiled) -> float:
@@ -219,7 +200,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = args.device
     command = "python benchmarks/many_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = measure(args)
-    text = (f"Machine: {_machine()}. Command: `{command.strip()}` at commit {_commit()}.\n\n"
+    text = (f"Machine: {describe()}. Command: `{command.strip()}` at commit {commit()}.\n\n"
             f"{table(args, result)}\n")
     print(text)
     if args.write:

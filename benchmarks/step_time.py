@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _machine import describe
 
 LOSSES = ("ce", "gradmask", "rrr", "cyborg", "dd_difference", "dd_paired", "dd_divergence")
 
@@ -51,16 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object (used by --sweep-devices)")
     p.add_argument("--write", default=None, help="also write the Markdown table to this file")
     return p.parse_args(argv)
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def measure(args) -> dict:
@@ -144,37 +134,20 @@ def measure(args) -> dict:
 
 def _op_profile(step, states: dict, name: str, batch: dict, *, with_ops: bool) -> dict:
     """XLA's FLOP and byte counts of the compiled step and, `with_ops`, time per op kind over 3 steps."""
-    import glob
-    import gzip
-    import re
-    import tempfile
-
     import jax
+    from _xla_profile import cost_analysis, op_times
 
-    analysis = step.lower(states[name], batch).compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    analysis = cost_analysis(step, states[name], batch)
     out = {"gflop": analysis.get("flops", 0.0) / 1e9, "gbytes": analysis.get("bytes accessed", 0.0) / 1e9}
-    state = states[name]
+    holder = {"state": states[name]}
     if with_ops:
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                for _ in range(3):
-                    state, metrics = step(state, batch)
-                    jax.block_until_ready(metrics)
-            (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-            with gzip.open(path) as f:
-                events = json.load(f)
-        events = events["traceEvents"] if isinstance(events, dict) else events
-        totals: dict[str, float] = {}
-        calls: dict[str, int] = {}
-        for e in events:
-            op = (e.get("args") or {}).get("hlo_op")
-            if e.get("ph") == "X" and op:
-                kind = re.sub(r"\.\d+$", "", op)  # convolution.12 -> convolution
-                totals[kind] = totals.get(kind, 0.0) + e.get("dur", 0.0)
-                calls[kind] = calls.get(kind, 0) + 1
-        out["ops"] = [(kind, us / 1e3, calls[kind]) for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])]
-    out["state"] = state
+
+        def run() -> None:
+            holder["state"], metrics = step(holder["state"], batch)
+            jax.block_until_ready(metrics)
+
+        out["ops"] = op_times(run)
+    out["state"] = holder["state"]
     return out
 
 
@@ -255,7 +228,7 @@ def main(argv=None) -> int:
             print(json.dumps(result))
             return 0
         text = table(args, result)
-    text = f"Machine: {_machine()}. Command: `{command.strip()}`\n\n{text}\n"
+    text = f"Machine: {describe()}. Command: `{command.strip()}`\n\n{text}\n"
     print(text)
     if args.write:
         with open(args.write, "a") as f:

@@ -48,6 +48,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("saljax", "torch_eager", "torch_compile", "torch_func_compile")
 LOSSES = ("ce", "gradmask", "rrr", "cyborg", "dd_difference", "dd_paired", "dd_divergence")
@@ -106,6 +108,7 @@ def saljax_step(cfg: dict[str, Any]) -> Step:
     import jax
     import jax.numpy as jnp
     import optax
+    from _xla_profile import cost_analysis, op_times  # imports jax: only in the saljax worker
     from flax import nnx
 
     from saljax import classifier, losses, models, train
@@ -152,37 +155,17 @@ def saljax_step(cfg: dict[str, Any]) -> Step:
 
     def flops() -> float | None:
         # XLA's own count for the compiled step (the jitted step exposes lower()).
-        analysis = step.lower(holder["state"], batch).compile().cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        analysis = cost_analysis(step, holder["state"], batch)
         return float(analysis.get("flops", 0.0)) if analysis else None
 
     def op_profile() -> str:
         """Time per XLA op over 3 steps, from a jax.profiler trace (ops of the same kind summed)."""
-        import glob
-        import gzip
-        import re
-
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                for _ in range(3):
-                    run()
-            (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-            with gzip.open(path) as f:
-                events = json.load(f)
-        events = events["traceEvents"] if isinstance(events, dict) else events
-        totals: dict[str, float] = {}
-        calls: dict[str, int] = {}
-        for e in events:
-            op = (e.get("args") or {}).get("hlo_op")
-            if e.get("ph") == "X" and op:
-                kind = re.sub(r"\.\d+$", "", op)  # convolution.12 -> convolution
-                totals[kind] = totals.get(kind, 0.0) + e.get("dur", 0.0)
-                calls[kind] = calls.get(kind, 0) + 1
-        total = sum(totals.values()) or 1.0
+        ops = op_times(run)
+        total = sum(ms for _, ms, _ in ops) or 1.0
         lines = [f"{'XLA op (numbering stripped)':<44}{'share':>8}{'total ms':>12}{'calls':>8}"]
-        for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
-            lines.append(f"{kind[:43]:<44}{us / total:>8.1%}{us / 1e3:>12.1f}{calls[kind]:>8}")
-        lines.append(f"{'all ops (threads summed)':<44}{'':>8}{total / 1e3:>12.1f}")
+        for kind, ms, calls in ops[:15]:
+            lines.append(f"{kind[:43]:<44}{ms / total:>8.1%}{ms:>12.1f}{calls:>8}")
+        lines.append(f"{'all ops (threads summed)':<44}{'':>8}{total:>12.1f}")
         return "\n".join(lines)
 
     return Step(run, phases, memory, op_profile=op_profile, flops=flops)
@@ -489,13 +472,7 @@ def maybe_profile(result: dict[str, Any], workers: dict[str, Worker], args: argp
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "os": platform.platform()}
+    return {"cpu": cpu_name(), "cores": str(os.cpu_count()), "os": platform.platform()}
 
 
 def versions(torch_python: str) -> dict[str, str]:
