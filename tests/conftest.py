@@ -79,6 +79,12 @@ def conv_classifier(params):
     return classifier.from_functions(lambda x: conv_features(params, x), lambda a: gap_dense_head(params, a))
 
 
+def bound_conv_classifier(params):
+    """`conv_classifier` that also exposes its parameters (RBR, stateful terms), as `classifier.from_nnx` does."""
+    return classifier.Classifier(lambda x: (conv_features(params, x), None), lambda a: gap_dense_head(params, a),
+                                 params=params, rebind=bound_conv_classifier)
+
+
 def linear_classifier(matrix, offset):
     """logits = flatten(x) @ matrix + offset; features are the images themselves."""
     return classifier.from_functions(lambda x: x, lambda a: a.reshape(a.shape[0], -1) @ matrix + offset)

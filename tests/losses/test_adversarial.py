@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import conv_features, gap_dense_head, make_batch, make_conv_params
+from conftest import bound_conv_classifier, conv_features, make_batch, make_conv_params
 from flax import nnx
 
-from saljax import classifier, demo, losses, models, train
+from saljax import demo, losses, models, train
 from saljax.losses import adversarial
 
 KEY = jax.random.key(7)
@@ -139,15 +139,10 @@ def test_classifier_gradient_fools_the_updated_discriminator(x64):
     assert np.all(logit(new["params"], u3, z_t - 1e-3 * g_t) > logit(new["params"], u3, z_t))
 
 
-def _bound(params):
-    return classifier.Classifier(lambda x: (conv_features(params, x), None), lambda a: gap_dense_head(params, a),
-                                 params=params, rebind=_bound)
-
-
 def test_loss_term_matches_the_step_on_pooled_activations():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
-    clf = _bound(params)
+    clf = bound_conv_classifier(params)
     loss = losses.combine(losses.cross_entropy(), losses.actdiff_discriminator(0.5, lr=1e-3, hidden=(4,)))
     assert loss.needs_state and loss.needs_key and loss.update_every == 1
     states = loss.init_state(clf, batch["image"], key=KEY)
@@ -245,11 +240,11 @@ def test_bad_input_is_rejected_clearly():
     batch = make_batch(jax.random.key(1))
     loss = losses.for_method("actdiff_discriminator", hidden=(4,))
     with pytest.raises(ValueError, match="'actdiff_discriminator' keeps state between steps: call loss"):
-        loss(_bound(params), batch, key=KEY)
+        loss(bound_conv_classifier(params), batch, key=KEY)
     with pytest.raises(ValueError, match="draws random numbers"):
-        loss(_bound(params), batch, term_state=loss.init_state(_bound(params), batch["image"], key=KEY))
+        loss(bound_conv_classifier(params), batch, term_state=loss.init_state(bound_conv_classifier(params), batch["image"], key=KEY))
     with pytest.raises(ValueError, match=r"images must have shape \(B, H, W, C\); got \(6, 6\)"):
-        loss.init_state(_bound(params), jnp.zeros((6, 6)), key=KEY)
+        loss.init_state(bound_conv_classifier(params), jnp.zeros((6, 6)), key=KEY)
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="images must be given"):
         train.init_train_state(model, optax.sgd(0.1), loss=loss)

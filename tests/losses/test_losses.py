@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
-from conftest import conv_classifier, conv_features, gap_dense_head, linear_classifier, make_batch, make_conv_params
+from conftest import (
+    bound_conv_classifier,
+    conv_classifier,
+    conv_features,
+    gap_dense_head,
+    linear_classifier,
+    make_batch,
+    make_conv_params,
+)
 from flax import nnx
 
 from saljax import classifier, losses
@@ -310,12 +318,6 @@ class CombineVariantsTest(chex.TestCase):
         np.testing.assert_allclose(value, eager, rtol=1e-5)
 
 
-def bound_classifier(params):
-    """`conv_classifier` that also exposes its parameters (for RBR), as `classifier.from_nnx` does."""
-    return classifier.Classifier(lambda x: (conv_features(params, x), None), lambda a: gap_dense_head(params, a),
-                                 params=params, rebind=bound_classifier)
-
-
 def test_for_method_builds_every_method():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
@@ -324,8 +326,8 @@ def test_for_method_builds_every_method():
             continue
         loss = losses.for_method(method)
         # Terms that keep state (ActDiff's discriminator) read it from term_state.
-        states = loss.init_state(bound_classifier(params), batch["image"], key=jax.random.key(3)) if loss.needs_state else None
-        value, _ = jax.jit(lambda p, loss=loss, s=states: loss(bound_classifier(p), batch, key=jax.random.key(2), term_state=s))(params)
+        states = loss.init_state(bound_conv_classifier(params), batch["image"], key=jax.random.key(3)) if loss.needs_state else None
+        value, _ = jax.jit(lambda p, loss=loss, s=states: loss(bound_conv_classifier(p), batch, key=jax.random.key(2), term_state=s))(params)
         assert np.isfinite(value), method
     cyborg = losses.for_method("cyborg", alpha=0.25)
     assert [(t.name, t.weight) for t in cyborg.terms] == [("ce", 0.25), ("cyborg", 0.75)]
