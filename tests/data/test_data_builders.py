@@ -196,6 +196,17 @@ def test_distractor_agrees_in_training_and_flips_at_test(data_dir: str) -> None:
     assert synthetic_distractor.CLASS_NAMES == tuple(builder.info.features["label"].names)
 
 
+def test_distractor_flip_validation_flips_only_validation(data_dir: str) -> None:
+    plain = sd.build("synthetic_distractor", data_dir, **TINY["synthetic_distractor"])
+    flipped = sd.build("synthetic_distractor", data_dir, flip_validation=True, **TINY["synthetic_distractor"])
+    for split in ("train", "validation", "test"):
+        for a, b in zip(examples(plain, split), examples(flipped, split), strict=True):
+            assert a["label"] == b["label"] and np.array_equal(a["saliency_map"], b["saliency_map"])
+            assert bar_code(b) == (1 - b["label"] if split != "train" else b["label"]), split
+            if split != "validation":
+                assert np.array_equal(a["image"], b["image"]), split
+
+
 # --- spurious_binary ------------------------------------------------------------------------
 
 

@@ -26,7 +26,9 @@ How it is made (grayscale, `image_size` x `image_size`, values rendered in [0, 1
 - Distractor, outside the lesion: a bright horizontal bar in the top-left corner (encodes 0) or the
   top-right corner (encodes 1). In train and validation it encodes the true label (with
   probability `distractor_agreement`, 1.0 by default); in test it encodes the opposite label.
-  A model that reads the bar scores near 0 accuracy on test.
+  A model that reads the bar scores near 0 accuracy on test. With `flip_validation` (the
+  `flipped_validation` config) validation is flipped like test, as the follow-up paper's
+  validation set is, so that selecting a checkpoint on validation can see the shortcut.
 
 What the maps mean: `saliency_map` is the lesion disc (1 inside, 0 outside): the region that holds
 the class evidence. GradMask penalises input gradients outside it. `has_map` is True unless
@@ -57,6 +59,7 @@ class SyntheticDistractorConfig(tfds.core.BuilderConfig):
       noise_std: standard deviation of the white background noise (intensity in [0, 1]).
       distractor_agreement: probability that the bar encodes the true label in train/validation.
       map_fraction: share of training examples that keep their map (``has_map``).
+      flip_validation: the bar encodes the opposite label in validation too (as in test).
       seed: seeds every random choice.
     """
 
@@ -67,6 +70,7 @@ class SyntheticDistractorConfig(tfds.core.BuilderConfig):
     noise_std: float = 0.08
     distractor_agreement: float = 1.0
     map_fraction: float = 1.0
+    flip_validation: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,7 +119,7 @@ def render_example(
     image = image + (shape & lesion) * rng.uniform(0.25, 0.45)
 
     # Distractor bar in a top corner; its side encodes `code`.
-    if split == "test":
+    if split == "test" or (split == "validation" and config.flip_validation):
         code = 1 - label
     else:
         code = label if rng.random() < config.distractor_agreement else 1 - label
@@ -144,6 +148,11 @@ class SyntheticDistractor(_base.SaliencyDatasetBuilder):
     BUILDER_CONFIGS = [
         SyntheticDistractorConfig(
             name="default", description="64x64, 800/200/400 examples, distractor flipped at test."
+        ),
+        SyntheticDistractorConfig(
+            name="flipped_validation",
+            flip_validation=True,
+            description="64x64, 800/200/400 examples, distractor flipped at validation and test.",
         ),
         SyntheticDistractorConfig(
             name="small",
