@@ -14,7 +14,7 @@ from conftest import conv_features, gap_dense_head, linear_classifier, make_batc
 from flax import nnx
 
 from saljax import classifier, losses
-from saljax.losses import transforms
+from saljax.losses import second_pass, transforms
 
 B, H, W, C = 4, 6, 6, 1
 KEY = jax.random.key(42)
@@ -183,6 +183,24 @@ def test_sgt_hand_computed():
     lp, lq = logp(x.reshape(B, -1) @ m + np.asarray(offset)), logp(x_flat @ m + np.asarray(offset))
     expected = np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1))
     np.testing.assert_allclose(_value(losses.sgt(), clf, batch), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sgt_mask_picks_what_a_stable_argsort_picks(dtype, x64):
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3, 5, 4, 2)).astype(dtype)
+    v[rng.random(v.shape) < 0.3] = 0.0  # ties at 0, as dead ReLUs give
+    v[rng.random(v.shape) < 0.1] = -0.0
+    v[rng.random(v.shape) < 0.1] = 1.5
+    v[0, 0, 0, 0], v[1, 1, 1, 1] = np.finfo(dtype).min, np.inf
+    flat = v.reshape(3, -1)
+    for fraction in (0.0, 0.05, 0.5, 0.77, 1.0):
+        k = int(fraction * flat.shape[1])
+        expected = np.zeros(flat.shape, bool)
+        for n in range(3):
+            expected[n, np.argsort(flat[n], kind="stable")[:k]] = True
+        got = np.asarray(jax.jit(second_pass.sgt_mask, static_argnums=1)(jnp.asarray(v), fraction))
+        np.testing.assert_array_equal(got.reshape(3, -1), expected, err_msg=f"fraction {fraction}")
 
 
 def test_actdiff_hand_computed():
