@@ -173,12 +173,14 @@ class Term:
     needs_params: bool = False  # differentiates with respect to the parameters inside the loss
     needs_feature_map: bool = False  # reads a conv feature map (B, h, w, C')
     needs_decomposition: bool = False  # reads the contextual decomposition (`fwd.decomposition` or `classifier.decompose`)
+    init: StateInit | None = None  # keeps state between steps (see the class docstring)
+    update_every: int = 1
     # `region_fn(batch) -> region` (B, H, W[, C]) of a decomposition term: lets the loss run the
     # decomposition as its forward pass and hand the term `fwd.decomposition` (see the module docstring).
     region_fn: Callable[[Batch], jax.Array] | None = None
-    logits_only: bool = False  # reads nothing of the pass but `fwd.logits` (so it can share one-pass CDEP)
-    init: StateInit | None = None  # keeps state between steps (see the class docstring)
-    update_every: int = 1
+    # Reads only `fwd.logits` of the pass (besides the batch, key and term state), so it can share the
+    # one-pass CDEP forward (see the module docstring); `cross_entropy` sets it.
+    logits_only: bool = False
 
     def scaled(self, weight: float) -> Term:
         return dataclasses.replace(self, weight=weight)
@@ -229,9 +231,10 @@ def _one_pass_decomposition(terms: tuple[Term, ...], classifier: Classifier, x: 
     if decompose_with_state is None or len(decomposing) != 1:
         return None
     (term,) = decomposing
-    if term.region_fn is None or term.needs_input_gradient or term.needs_feature_map or term.cam_maps:
+    needs_more = lambda t: t.needs_input_gradient or t.needs_feature_map or t.cam_maps
+    if term.region_fn is None or needs_more(term):
         return None
-    if not all(t.logits_only for t in terms if t is not term):
+    if not all(t.logits_only and not needs_more(t) for t in terms if t is not term):
         return None
     return decompose_with_state(x, term.region_fn(batch))
 
