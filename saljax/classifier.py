@@ -12,6 +12,11 @@ forward pass updates (BatchNorm running statistics in train mode), returned rath
 that the loss stays a pure function that `jax.grad` and `jax.jit` can transform; `None` when
 nothing changes.
 
+CDEP (Rieger et al., ICML 2020) needs the contextual decomposition `(beta, gamma)` of the logits
+instead, with `beta + gamma` the logits: `decompose` gives it without touching the state, and
+`decompose_with_state` also returns the new state, so that the decomposition can BE the forward
+pass of a train step (one pass instead of two).
+
 Adapters build a `Classifier` from a Flax NNX module (split into graphdef, params and the rest),
 from a Linen module's `apply`, or from plain functions.
 """
@@ -43,6 +48,11 @@ class Classifier(NamedTuple):
     # the part due to `region * x` and the part due to the rest (CDEP needs it); `beta + gamma` are
     # the logits. It never updates state. None for `from_functions` and `from_linen`.
     decompose: Callable[[Array, Array], tuple[Array, Array]] | None = None
+    # `decompose_with_state(x, region) -> ((beta, gamma), new_state)`: the same decomposition, plus the
+    # state a forward pass on x would return (`new_state` shaped like the state of `features`; in
+    # train mode BatchNorm running statistics updated from the batch statistics of `beta + gamma`).
+    # The loss runs it as its only pass when nothing but the logits and the decomposition is needed.
+    decompose_with_state: Callable[[Array, Array], tuple[tuple[Array, Array], Any]] | None = None
 
     def feature_map(self, x: Array) -> Array:
         """`A` (B, h, w, C') for inputs x (B, H, W, C), dropping the state."""
@@ -70,7 +80,10 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     `decompose` is `saljax.models.decompose(module, x, region)` on another fresh copy: in train mode
     its BatchNorm layers normalise with the batch statistics of the ordinary activation (differentiated
     like the forward pass), in eval mode with the running ones, and it never updates the running
-    statistics (its copy is discarded). A module without a decomposition raises when it is called.
+    statistics (its copy is discarded). `decompose_with_state` runs it with `update_stats=True` and
+    returns the copy's new state like `features` does: the running statistics move as in the forward
+    pass, from the batch statistics of `beta + gamma` (equal to the forward pass's to rounding). A
+    module without a decomposition raises when either is called.
     """
 
     def features(x):
@@ -85,8 +98,14 @@ def from_nnx(graphdef: nnx.GraphDef, params: Any, state: Any) -> Classifier:
     def decompose(x, region):
         return decomposition.decompose(nnx.merge(graphdef, params, state, copy=True), x, region)
 
+    def decompose_with_state(x, region):
+        module = nnx.merge(graphdef, params, state, copy=True)
+        parts = decomposition.decompose(module, x, region, update_stats=True)
+        return parts, nnx.state(module, nnx.Not(nnx.Param))
+
     return Classifier(features=features, head=head, params=params,
-                      rebind=lambda new_params: from_nnx(graphdef, new_params, state), decompose=decompose)
+                      rebind=lambda new_params: from_nnx(graphdef, new_params, state), decompose=decompose,
+                      decompose_with_state=decompose_with_state)
 
 
 def from_linen(

@@ -15,6 +15,15 @@ counterexamples) call `Forward.rerun`: the same train-mode function on `x~`, who
 uses `x~`'s own batch statistics (as a second train-mode forward in PyTorch does) and whose state
 update is discarded. The running statistics move once per step, from the clean pass.
 
+One-pass CDEP: when the loss has a contextual-decomposition term (CDEP, Rieger et al., ICML 2020)
+that gives its region from the batch (`Term.region_fn`), every other term reads only the logits
+(`Term.logits_only`, e.g. `cross_entropy`), and the classifier has `decompose_with_state`, the
+decomposition `(beta, gamma)` IS the forward pass: logits `beta + gamma` (the ordinary logits to
+rounding, with train-mode BatchNorm on the batch statistics of `beta + gamma`), the BatchNorm state
+from that pass, and `Forward.decomposition` for the term. Such a Forward has no feature map and no
+input gradients (asking raises). Any other combination runs the ordinary pass and the term computes
+its decomposition in a second pass that updates nothing.
+
 `combine` composes like `optax.chain`: it takes Terms and Losses alike (a Loss's terms are flattened
 in), so `combine(for_method("cyborg"), rrr(0.1))` works.
 
@@ -57,21 +66,37 @@ class Forward:
     def __init__(
         self,
         logits: jax.Array,
-        feature_map: jax.Array,
+        feature_map: jax.Array | None,
         *,
         classifier: Classifier,
         images: jax.Array,
         vjp: Callable[[jax.Array], tuple[jax.Array, ...]] | None,
         key: jax.Array | None = None,
         term_state: Mapping[str, Any] | None = None,
+        decomposition: tuple[jax.Array, jax.Array] | None = None,
     ):
         self.logits = logits  # (B, K)
-        self.feature_map = feature_map  # (B, h, w, C')
+        self._feature_map = feature_map  # (B, h, w, C'); None for the one-pass decomposition
         self.images = images  # (B, H, W, C)
         self.classifier = classifier
         self.key = key
+        # (beta, gamma) (B, K) each, beta + gamma = logits: set when the pass was the contextual
+        # decomposition for the loss's decomposition term (see the module docstring), else None.
+        self.decomposition = decomposition
         self._vjp = vjp
         self._term_state = term_state
+
+    def _one_pass_error(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"this forward pass was the contextual decomposition (one-pass CDEP), which gives no {what}: a term that"
+            " reads it must declare it (needs_feature_map / needs_input_gradient) and not set logits_only")
+
+    @property
+    def feature_map(self) -> jax.Array:
+        """The last feature map `A` (B, h, w, C') of this pass."""
+        if self._feature_map is None:
+            raise self._one_pass_error("feature map")
+        return self._feature_map
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +105,8 @@ class Forward:
     def input_gradient(self, score: saliency.Score) -> jax.Array:
         """`d/dx sum_n score(logits)_n` (B, H, W, C), through this pass's VJP (no second forward)."""
         if self._vjp is None:
+            if self.decomposition is not None:
+                raise self._one_pass_error("input gradients")
             raise RuntimeError("this Forward was built without input gradients; declare needs_input_gradient")
         cotangent = jax.grad(lambda z: jnp.sum(score(z)))(self.logits)
         return self._vjp(cotangent)[0]
@@ -145,9 +172,15 @@ class Term:
     needs_key: bool = False  # draws random numbers: the loss must be called with key=...
     needs_params: bool = False  # differentiates with respect to the parameters inside the loss
     needs_feature_map: bool = False  # reads a conv feature map (B, h, w, C')
-    needs_decomposition: bool = False  # reads `classifier.decompose` (contextual decomposition)
+    needs_decomposition: bool = False  # reads the contextual decomposition (`fwd.decomposition` or `classifier.decompose`)
     init: StateInit | None = None  # keeps state between steps (see the class docstring)
     update_every: int = 1
+    # `region_fn(batch) -> region` (B, H, W[, C]) of a decomposition term: lets the loss run the
+    # decomposition as its forward pass and hand the term `fwd.decomposition` (see the module docstring).
+    region_fn: Callable[[Batch], jax.Array] | None = None
+    # Reads only `fwd.logits` of the pass (besides the batch, key and term state), so it can share the
+    # one-pass CDEP forward (see the module docstring); `cross_entropy` sets it.
+    logits_only: bool = False
 
     def scaled(self, weight: float) -> Term:
         return dataclasses.replace(self, weight=weight)
@@ -184,6 +217,26 @@ def _check_needs(terms: tuple[Term, ...], classifier: Classifier, batch: Batch, 
             batch_lib.check_batch(batch, needs_map=True, map_sizes=[image_size])
         elif term.needs_map:
             batch_lib.check_batch(batch, needs_map=True)
+
+
+def _one_pass_decomposition(terms: tuple[Term, ...], classifier: Classifier, x: jax.Array,
+                            batch: Batch) -> tuple[tuple[jax.Array, jax.Array], Any] | None:
+    """`((beta, gamma), state)` when the decomposition can serve as the forward pass, else None.
+
+    It can when exactly one term needs the decomposition and gives its region (`region_fn`), every
+    other term reads only the logits, and the classifier has `decompose_with_state`.
+    """
+    decompose_with_state = getattr(classifier, "decompose_with_state", None)
+    decomposing = [t for t in terms if t.needs_decomposition]
+    if decompose_with_state is None or len(decomposing) != 1:
+        return None
+    (term,) = decomposing
+    needs_more = lambda t: t.needs_input_gradient or t.needs_feature_map or t.cam_maps
+    if term.region_fn is None or needs_more(term):
+        return None
+    if not all(t.logits_only and not needs_more(t) for t in terms if t is not term):
+        return None
+    return decompose_with_state(x, term.region_fn(batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,21 +300,29 @@ class Loss:
             feature_map, state = classifier.features(images)
             return classifier.head(feature_map), (feature_map, state)
 
-        if any(t.needs_input_gradient for t in self.terms):
+        one_pass = _one_pass_decomposition(self.terms, classifier, x, batch)
+        decomposition: tuple[jax.Array, jax.Array] | None = None
+        feature_map: jax.Array | None
+        if one_pass is not None:  # the decomposition is the forward pass (see the module docstring)
+            decomposition, state = one_pass
+            logits, feature_map, vjp = decomposition[0] + decomposition[1], None, None
+        elif any(t.needs_input_gradient for t in self.terms):
             logits, vjp, (feature_map, state) = jax.vjp(forward, x, has_aux=True)
         else:
             (logits, (feature_map, state)), vjp = forward(x), None
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape (B, K) with B = {x.shape[0]}; got {logits.shape}")
-        fwd = Forward(logits, feature_map, classifier=classifier, images=x, vjp=vjp, key=key, term_state=term_state)
+        fwd = Forward(logits, feature_map, classifier=classifier, images=x, vjp=vjp, key=key, term_state=term_state,
+                      decomposition=decomposition)
         values = {}
         new_states: dict[str, Any] = {}
         for term in self.terms:
-            if term.needs_feature_map and jnp.ndim(feature_map) != 4:
+            # (no feature map after one pass, and then no term reads one: _one_pass_decomposition)
+            if feature_map is not None and term.needs_feature_map and jnp.ndim(feature_map) != 4:
                 raise ValueError(
                     f"the loss term {term.name!r} needs a conv feature map: classifier.features must return"
                     f" (B, h, w, C'); got shape {jnp.shape(feature_map)}")
-            if term.needs_map and term.cam_maps:
+            if feature_map is not None and term.needs_map and term.cam_maps:
                 sizes = [_common.spatial_size(x.shape), _common.spatial_size(feature_map.shape)]
                 batch_lib.check_batch(batch, needs_map=True, map_sizes=sizes)
             if term.init is not None:
@@ -312,4 +373,4 @@ def cross_entropy(weight: float = 1.0, *, reduction: str = "mean", name: str = "
         per = _common.ce_per_sample(fwd.logits, _common.labels(batch))
         return jnp.mean(per) if reduction == "mean" else jnp.sum(per)
 
-    return Term(name, fn, weight)
+    return Term(name, fn, weight, logits_only=True)

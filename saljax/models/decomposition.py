@@ -13,9 +13,11 @@ Singh, Murdoch, Yu, ICML 2020) penalises the share of the logits that ``beta`` e
 - BatchNorm as the affine map ``y = m x + c`` (``m = scale / sqrt(var + eps)``,
   ``c = bias - m mean``), ``c`` split like a bias. Eval mode (``use_running_average=True``) uses the
   running statistics. Train mode uses the batch statistics of ``beta + gamma`` (the ordinary
-  activation, so the parts still add up to the forward pass), treated like in the forward pass
-  (gradients flow through them); the running statistics are NOT updated. Cross-device statistics
-  (``axis_name``) are refused;
+  activation, so the parts still add up to the forward pass), computed and differentiated as the
+  forward pass (``use_fast_variance`` as the layer's). The running statistics are updated only when
+  :func:`decompose` is called with ``update_stats=True``, then exactly as ``nnx.BatchNorm`` updates
+  them from the ordinary activation (so the decomposition can serve as the forward pass of a train
+  step). Cross-device statistics (``axis_name``) are refused;
 - elementwise activations ``f``: CDEP's ReLU rule, ``beta' = f(beta)``,
   ``gamma' = f(beta + gamma) - f(beta)`` (for ``f(0) != 0``, e.g. softplus or sigmoid, the constant
   ``f(0)`` lands in ``beta``). Known: ReLU, softplus, tanh, sigmoid, SiLU, GELU, ELU, leaky ReLU;
@@ -32,6 +34,7 @@ rule for, naming it; a model that declares no decomposition is refused by :func:
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +62,10 @@ __all__ = [
 Parts = tuple[jax.Array, jax.Array]
 
 _EPS = 1e-20  # as the authors' code: the bias share of two zero parts is 1/2 each
+
+# Set by `decompose(..., update_stats=True)` while it runs: the layer rules are called from the models'
+# own `decompose_features`, which pass only the parts along.
+_UPDATE_STATS: contextvars.ContextVar[bool] = contextvars.ContextVar("saljax_cd_update_stats", default=False)
 
 _ACTIVATIONS: dict[Any, str] = {
     jax.nn.relu: "relu",
@@ -177,11 +184,16 @@ def _batch_norm(bn: nnx.BatchNorm, parts: Parts) -> Parts:
     beta, gamma = beta.astype(dtype), gamma.astype(dtype)
     if bn.use_running_average:
         mean, var = bn.mean[...].astype(dtype), bn.var[...].astype(dtype)
-    else:  # the batch statistics of the ordinary activation (two-pass, biased, as the forward pass)
-        x = beta + gamma
-        stats_dtype = jnp.promote_types(dtype, jnp.float32)
-        mean = jnp.mean(x.astype(stats_dtype), axis=reduce)
-        var = jnp.mean(jnp.square(x.astype(stats_dtype) - jnp.expand_dims(mean, reduce)), axis=reduce)
+    else:  # the batch statistics of the ordinary activation (biased), as nnx.BatchNorm computes them
+        x = (beta + gamma).astype(jnp.promote_types(dtype, jnp.float32))
+        mean = jnp.mean(x, axis=reduce)
+        if bn.use_fast_variance:
+            var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=reduce) - jnp.square(mean))
+        else:
+            var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, reduce)), axis=reduce)
+        if _UPDATE_STATS.get():  # nnx.BatchNorm's running update (a constant for the gradient)
+            bn.mean[...] = jax.lax.stop_gradient(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
+            bn.var[...] = jax.lax.stop_gradient(bn.momentum * bn.var[...] + (1 - bn.momentum) * var)
         mean, var = mean.astype(dtype), var.astype(dtype)
     mul = jax.lax.rsqrt(var + bn.epsilon)
     if bn.scale is not None:
@@ -286,7 +298,8 @@ def cast(parts: Parts, dtype: Any) -> Parts:
     return parts[0].astype(dtype), parts[1].astype(dtype)
 
 
-def decompose(model: Any, x: jax.typing.ArrayLike, region: jax.typing.ArrayLike, *, at: str = "logits") -> Parts:
+def decompose(model: Any, x: jax.typing.ArrayLike, region: jax.typing.ArrayLike, *, at: str = "logits",
+              update_stats: bool = False) -> Parts:
     """Contextual decomposition of ``model``'s logits (or feature map) into region and rest.
 
     Args:
@@ -296,6 +309,10 @@ def decompose(model: Any, x: jax.typing.ArrayLike, region: jax.typing.ArrayLike,
       region: the region whose contribution is ``beta``, ``(B, H, W)`` or ``(B, H, W, C)`` (or
         anything that broadcasts to ``x``), usually 0/1; CDEP passes the region that must NOT matter.
       at: ``'logits'`` (``(B, K)``) or ``'features'`` (the feature map ``(B, h, w, C')``).
+      update_stats: in train mode, write new running statistics into ``model``'s BatchNorm layers,
+        as its forward pass on ``x`` would (from the batch statistics of ``beta + gamma``). Default
+        False: ``model`` is left unchanged. Pass a copy when the original must stay as it is
+        (:func:`saljax.classifier.from_nnx` does).
 
     Returns:
       ``(beta, gamma)``, each shaped like the logits (or the feature map), with ``beta + gamma``
@@ -321,5 +338,9 @@ def decompose(model: Any, x: jax.typing.ArrayLike, region: jax.typing.ArrayLike,
             f"region must have shape (B, H, W) or (B, H, W, C) matching x {tuple(x.shape)}, got {tuple(jnp.shape(region))}"
         ) from err
     region = region.astype(x.dtype)
-    parts = model.decompose_features((region * x, (1 - region) * x))
-    return parts if at == "features" else model.decompose_head(parts)
+    token = _UPDATE_STATS.set(bool(update_stats))
+    try:
+        parts = model.decompose_features((region * x, (1 - region) * x))
+        return parts if at == "features" else model.decompose_head(parts)
+    finally:
+        _UPDATE_STATS.reset(token)

@@ -107,10 +107,12 @@ def test_batchnorm_statistics_change_exactly_once_per_step():
     grads, aux = step(losses.combine(losses.cross_entropy(), losses.cdep(1.0)))
     _, ce_only = step(losses.combine(losses.cross_entropy()))
     assert jax.tree.all(jax.tree.map(lambda g: bool(jnp.all(jnp.isfinite(g))), grads))
-    chex.assert_trees_all_close(aux.state, ce_only.state, rtol=1e-6)
+    # (CE + CDEP runs one pass, the decomposition: its statistics are those of beta + gamma, the
+    # forward pass's to rounding, hence atol for the means near 0)
+    chex.assert_trees_all_close(aux.state, ce_only.state, rtol=1e-6, atol=1e-8)
     once = nnx.clone(model)
     once(batch["image"])  # one forward pass in train mode
-    chex.assert_trees_all_close(aux.state, nnx.split(once, nnx.Param, ...)[2], rtol=1e-6)
+    chex.assert_trees_all_close(aux.state, nnx.split(once, nnx.Param, ...)[2], rtol=1e-6, atol=1e-8)
     assert not np.allclose(aux.state["norms"][0]["mean"][...], state["norms"][0]["mean"][...])
     # The loss itself did not mutate the module.
     chex.assert_trees_all_equal(nnx.split(model, nnx.Param, ...)[2], state)

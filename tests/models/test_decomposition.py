@@ -206,6 +206,75 @@ def test_linear_model_decomposition_is_the_exact_split(x64):
 
 
 # --------------------------------------------------------------------------------------------
+# Running statistics (update_stats): as nnx.BatchNorm's forward pass moves them
+# --------------------------------------------------------------------------------------------
+
+
+class _Norm(nnx.Module):
+    """A lone nnx.BatchNorm (flax's defaults otherwise: one-pass variance unless `fast` is False)."""
+
+    def __init__(self, fast: bool, dtype):
+        self.bn = nnx.BatchNorm(4, use_running_average=False, momentum=0.8, use_fast_variance=fast, dtype=dtype,
+                                param_dtype=dtype, rngs=nnx.Rngs(0))
+        self.bn.mean = nnx.BatchStat(0.5 + jnp.arange(4, dtype=dtype))  # flax's are float32 whatever param_dtype
+        self.bn.var = nnx.BatchStat(2.0 + jnp.arange(4, dtype=dtype))
+
+    def decompose_features(self, parts):
+        return cd.layer(self.bn, parts)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-6)])
+def test_update_stats_moves_running_statistics_as_the_forward_pass(fast, dtype, tol):
+    with jax.enable_x64(dtype == jnp.float64):
+        model = _Norm(fast, dtype)
+        x = 30.0 + _x((3, 5, 5, 4), dtype=dtype)  # |mean| >> std: the one-pass variance shows in float32
+        region = (jax.random.uniform(jax.random.key(1), (3, 5, 5)) > 0.5).astype(dtype)
+        before = nnx.clone(model)
+        parts = cd.decompose(model, x, region, at="features")
+        _assert_same_statistics(model, before)  # without update_stats the model stays as it was
+        forward = nnx.clone(model)
+        want = forward.bn(x)
+        _assert_adds_up(parts, want, tol)  # normalised with the forward pass's own variance formula
+        parts = cd.decompose(model, x, region, at="features", update_stats=True)
+        _assert_adds_up(parts, want, tol)
+        for name in ("mean", "var"):
+            got, expected = getattr(model.bn, name)[...], getattr(forward.bn, name)[...]
+            assert got.dtype == expected.dtype
+            np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+        assert not np.allclose(model.bn.mean[...], before.bn.mean[...])
+        model.bn.use_running_average = True  # eval mode: nothing to update
+        moved = nnx.clone(model)
+        cd.decompose(model, x, region, at="features", update_stats=True)
+        _assert_same_statistics(model, moved)
+
+
+def _assert_same_statistics(model, other):
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(getattr(model.bn, name)[...], getattr(other.bn, name)[...])
+
+
+def test_update_stats_under_jit_is_a_constant_for_the_gradient(x64):
+    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(2, 3), rngs=nnx.Rngs(0), **F64)
+    graphdef, params, state = nnx.split(model, nnx.Param, ...)
+    x, region = _x((3, 6, 6, 1)), _region((3, 6, 6))
+
+    def f(p):
+        module = nnx.merge(graphdef, p, state, copy=True)
+        beta, gamma = cd.decompose(module, x, region, update_stats=True)
+        return jnp.sum(beta - gamma), nnx.state(module, nnx.Not(nnx.Param))
+
+    grads, new_state = jax.jit(jax.grad(f, has_aux=True))(params)
+    want = nnx.clone(model)
+    want(x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), new_state,
+                 nnx.split(want, nnx.Param, ...)[2])
+    # the same gradient as without the update
+    plain = jax.grad(lambda p: jnp.sum(jnp.subtract(*cd.decompose(nnx.merge(graphdef, p, state, copy=True), x, region))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, plain(params))
+
+
+# --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------
 
