@@ -41,7 +41,10 @@ def _folder(root: Path, n: int = 24, size: int = 12) -> Path:
 
 
 @pytest.mark.slow
-def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path) -> None:
+def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from saljax import cli
+
     folder = _folder(tmp_path / "my_data")
     run = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", SALJAX_DATA_DIR=str(tmp_path / "data"))
@@ -53,11 +56,12 @@ def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path) -> Non
     out = train.stdout + train.stderr
     assert "c0" in out and "c2" in out  # the class names inferred from the CSV are announced
     assert "final (step 4)" in out and "best by validation/accuracy" in out  # both evaluations, named
-    explain = subprocess.run(
-        [*_saljax(), "explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress",
-         "--methods", "gradient", "--batch-size", "8"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert explain.returncode == 0, explain.stderr[-3000:]
+    # The installed command once (above); explain and the stale case in-process, as the same entry point.
+    monkeypatch.setenv("SALJAX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress",
+                     "--methods", "gradient", "--batch-size", "8"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     report = (run / "explain" / "report.md").read_text()
     assert "Checkpoint:" in report and "step" in report
     assert (run / "explain" / "summary.png").is_file()
@@ -65,10 +69,10 @@ def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path) -> Non
     # Editing the CSV without rebuild: one clear line that the cached copy is older; with it: rebuilt.
     csv = folder / "saliency.csv"
     csv.write_text(csv.read_text().replace("images/0.png,c0", "images/0.png,c1"))
-    stale = subprocess.run(
-        [*_saljax(), "train", "--config", str(ROOT / "experiments/configs/folder.py:gradmask"), "--workdir",
-         str(tmp_path / "run2"), f"dataset.manual_dir={str(folder)!r}", "num_steps=2", "eval_every=2",
-         "batch_size=4", "progress=False"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-2000:]
-    assert "older" in stale.stderr or "stale" in stale.stderr.lower(), stale.stderr[-2000:]
+    capsys.readouterr()
+    code = cli.main(["train", "--config", str(ROOT / "experiments/configs/folder.py:gradmask"), "--workdir",
+                     str(tmp_path / "run2"), f"dataset.manual_dir={str(folder)!r}", "num_steps=2", "eval_every=2",
+                     "batch_size=4", "progress=False"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "older" in err or "stale" in err.lower(), err[-2000:]
