@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY
@@ -95,9 +97,22 @@ def suite_data_dirs(tmp_path_factory) -> dict[str, str]:
     return {name: str(root / name) for name in TINY}
 
 
-# One case per method of every suite, so the cases spread over the test workers; the first
-# method of each suite also draws the figures.
-CLI_CASES = [(name, method) for name in TINY for method in _suite(name).methods]
+def _cli_cases() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(end to end, traced): every method runs through the CLI end to end in the first suite that has it, and
+    every suite at least its first method (which also draws the figures); in the other suites a method's
+    train step is traced on the suite's data (compiling the same loss once more per suite would dominate
+    the test run, and the suite's protocol is already exercised end to end)."""
+    seen: set[str] = set()
+    full, traced = [], []
+    for name in TINY:
+        for i, method in enumerate(_suite(name).methods):
+            (full if i == 0 or method not in seen else traced).append((name, method))
+            seen.add(method)
+    return full, traced
+
+
+# One case per (suite, method), so the cases spread over the test workers.
+CLI_CASES, TRACED_CASES = _cli_cases()
 
 
 @pytest.mark.slow
@@ -127,3 +142,27 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_d
             assert suite_.key(f"{split}/{column}") in metrics, (split, column)
     assert len(report["figures"]) == (3 if figures else 0)
     assert "| method |" in printed.out  # the table is printed
+
+
+@pytest.mark.parametrize("suite,method", TRACED_CASES)
+def test_every_method_traces_on_every_suite(suite, method, suite_data_dirs):
+    """The run config of `method` in `suite` (tiny data): checked, built, and its train step traced."""
+    from saljax import config as config_lib
+    from saljax import data, train
+
+    path = experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{suite}.py"))
+    cfg = config_lib.load(f"{path}:{method}", [f"dataset.data_dir={suite_data_dirs[suite]!r}", "num_devices=1",
+                                               *TINY[suite]])
+    train.check_config(cfg)
+    builder = data.from_config(cfg.dataset)
+    train.fill_from_dataset(cfg, builder.info.features, builder.info.splits)
+    model_def, state = train.init_from_config(cfg)
+    loss = train.make_loss(cfg)
+    step = train.make_train_step(model_def, loss, train.make_optimizer(cfg.optimizer, num_steps=cfg.num_steps),
+                                 key=jax.random.key(0), jit=False)
+    b, (h, w, c) = 4, builder.info.features["image"].shape
+    batch = {"image": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32), "label": jax.ShapeDtypeStruct((b,), jnp.int32),
+             "saliency_map": jax.ShapeDtypeStruct((b, h, w), jnp.float32), "has_map": jax.ShapeDtypeStruct((b,), jnp.bool_)}
+    new_state, metrics = jax.eval_shape(step, state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert {f"loss/{t.name}" for t in loss.terms} <= set(metrics)
