@@ -256,6 +256,7 @@ def test_bad_input_is_rejected_clearly():
 # --- parity with PyTorch ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_matches_pytorch_spectral_norm_bce_and_adam(x64, tmp_path):
     """Three steps of the game against PyTorch's own modules (the authors' construction) and the baseline mirror."""
     from baselines.torch import bridge

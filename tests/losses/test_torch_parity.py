@@ -49,7 +49,8 @@ from baselines.torch import bridge, layout
 from saljax import classifier, losses, models
 
 # One worker computes every case (the PyTorch side runs once, in one subprocess): `--dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("torch_parity")
+# Slow: PyTorch in a subprocess over every case; `make test` runs it, `make test-fast` does not.
+pytestmark = [pytest.mark.xdist_group("torch_parity"), pytest.mark.slow]
 
 DTYPES = ("float64", "float32")
 RTOL = {"float64": 1e-5, "float32": 1e-4}

@@ -18,7 +18,8 @@ from baselines.torch import bridge, layout
 from saljax import classifier, losses
 
 # One worker computes every case (the PyTorch side runs once, in one subprocess): `--dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("torch_parity_models")
+# Slow: PyTorch in a subprocess over every case; `make test` runs it, `make test-fast` does not.
+pytestmark = [pytest.mark.xdist_group("torch_parity_models"), pytest.mark.slow]
 
 RTOL = {"float64": 1e-5, "float32": 1e-4}
 FLOOR = {"float64": 1e-6, "float32": 1e-3}
