@@ -31,7 +31,7 @@ def get_suite():
         "images are 0 outside the crosses and the distractor, so with the all-zero baseline IG attributes exactly "
         "0 to every background pixel, and its top-|H| set is every lit pixel plus ties at 0, fixed by the image; "
         "the paper's IG differs between methods, so its inputs or baseline must differ from this (not known). "
-        "Targets are checked on this CPU-sized run (5 seeds here, the paper's 10 on a GPU with `red_herring`): "
+        "Targets are checked on this CPU-sized run (the paper's 10 seeds; full size on a GPU with `red_herring`): "
         "a miss by a few hundredths is within its seed spread.",
         quick=("num_steps=62", "eval_every=31"),
     )
