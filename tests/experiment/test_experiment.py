@@ -145,21 +145,20 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_d
 
 
 @pytest.mark.parametrize("suite,method", TRACED_CASES)
-def test_every_method_traces_on_every_suite(suite, method, suite_data_dirs):
-    """The run config of `method` in `suite` (tiny data): checked, built, and its train step traced."""
+def test_every_method_traces_on_every_suite(suite, method, suite_data_dirs, tmp_path):
+    """The run config of `method` in `suite` (tiny data): checked and built as training does, its train step traced."""
     from saljax import config as config_lib
-    from saljax import data, train
+    from saljax import train
+    from saljax.train import loop
 
     path = experiment.find_config(os.path.join(ROOT, "experiments", "configs", f"{suite}.py"))
     cfg = config_lib.load(f"{path}:{method}", [f"dataset.data_dir={suite_data_dirs[suite]!r}", "num_devices=1",
                                                *TINY[suite]])
-    train.check_config(cfg)
-    builder = data.from_config(cfg.dataset)
-    train.fill_from_dataset(cfg, builder.info.features, builder.info.splits)
+    _, mesh, builder = loop.prepare([cfg], [tmp_path / "run"])  # checks, builds the data, fills in the model
     model_def, state = train.init_from_config(cfg)
     loss = train.make_loss(cfg)
     step = train.make_train_step(model_def, loss, train.make_optimizer(cfg.optimizer, num_steps=cfg.num_steps),
-                                 key=jax.random.key(0), jit=False)
+                                 mesh=mesh, key=jax.random.key(cfg.seed), jit=False)
     b, (h, w, c) = 4, builder.info.features["image"].shape
     batch = {"image": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32), "label": jax.ShapeDtypeStruct((b,), jnp.int32),
              "saliency_map": jax.ShapeDtypeStruct((b, h, w), jnp.float32), "has_map": jax.ShapeDtypeStruct((b,), jnp.bool_)}
