@@ -30,12 +30,14 @@ $(TORCH_VENV)/.installed:
 demo: install
 	$(VENV)/bin/saljax experiment decoy_mnist --quick
 
-# Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones.
+# Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones
+# and sends whole files to a worker, so that a module's fixtures and compiled programs are built once (the
+# full run balances single tests instead: its end-to-end modules are too long for one worker).
 test: install torch-env
 	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -n auto --dist loadgroup -m "not slow"
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile -m "not slow"
 
 # ruff and mypy, configured in pyproject.toml.
 lint: install

@@ -809,6 +809,7 @@ def test_training_resumes_past_a_corrupt_checkpoint_of_any_age(trained, data_dir
     assert not _strays(run)
 
 
+@pytest.mark.slow  # two trainings
 def test_a_resume_selects_the_same_best_checkpoint_as_an_uninterrupted_run(trained, data_dir, tmp_path):
     whole = train.train_and_evaluate(_config(data_dir, "num_steps=8", TIE), tmp_path / "whole")
     assert whole["final/step"] == 8 and whole["best/step"] == 2  # ties: the earliest

@@ -48,6 +48,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two Python processes, each starting JAX and compiling the step
 def test_two_processes_agree_with_one(tmp_path):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))

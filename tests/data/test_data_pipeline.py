@@ -262,6 +262,7 @@ def test_bad_arguments(spurious: tfds.core.DatasetBuilder) -> None:
         sd.make_loader(spurious, "train", 4, augment="flip")
 
 
+@pytest.mark.slow  # starts grain worker processes
 def test_worker_processes_match_in_process(spurious: tfds.core.DatasetBuilder) -> None:
     kwargs = dict(seed=2, augment=True, num_epochs=1)
     expected = list(sd.make_loader(spurious, "train", 4, **kwargs))

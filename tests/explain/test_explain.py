@@ -223,14 +223,15 @@ def test_gradient_maps_match_the_saliency_module(model):
     key = jax.random.key(3)
     out = explain.explain_batch(model, x, y, config=FAST, key=key)
     net = nnx.view(model, use_running_average=True)
-    g = saliency.vanilla_gradient(net, x, y)
+    g, ig, sg, gc = nnx.jit(lambda net: (  # the references in one program: eagerly, every op compiles alone
+        saliency.vanilla_gradient(net, x, y),
+        saliency.integrated_gradients(net, x, y, n_steps=FAST.ig_steps),
+        saliency.smoothgrad(net, x, y, key=key, nt_samples=FAST.smoothgrad_samples, stdevs=FAST.smoothgrad_stdevs),
+        saliency.grad_cam(net.features, net.head, x, y)))(net)
     np.testing.assert_allclose(out["maps"]["gradient"], jnp.sum(jnp.abs(g), -1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["maps"]["gradient_x_input"], jnp.sum(jnp.abs(x * g), -1), rtol=1e-5, atol=1e-6)
-    ig = saliency.integrated_gradients(net, x, y, n_steps=FAST.ig_steps)
     np.testing.assert_allclose(out["maps"]["integrated_gradients"], jnp.sum(jnp.abs(ig), -1), rtol=1e-4, atol=1e-6)
-    sg = saliency.smoothgrad(net, x, y, key=key, nt_samples=FAST.smoothgrad_samples, stdevs=FAST.smoothgrad_stdevs)
     np.testing.assert_allclose(out["maps"]["smoothgrad"], jnp.sum(jnp.abs(sg), -1), rtol=1e-4, atol=1e-6)
-    gc = saliency.grad_cam(net.features, net.head, x, y)
     np.testing.assert_allclose(out["lowres"]["grad_cam"], gc, rtol=1e-5, atol=1e-6)
     for name, value in out["maps"].items():
         assert value.shape == (4, SIZE, SIZE), name
@@ -288,6 +289,8 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
+# The tests that read the `report` fixture share a worker: it runs once, not once per worker.
+@pytest.mark.xdist_group("explain_report")
 def test_run_writes_the_report(report):
     summary, out_dir = report
     files = summary["files"]
@@ -319,6 +322,7 @@ def test_run_writes_the_report(report):
     assert len(rows) == 13 and rows[0].startswith("index,")
 
 
+@pytest.mark.xdist_group("explain_report")
 def test_run_aggregates_and_ranking(report):
     summary, _ = report
     assert summary["num_images"] == 12 and summary["num_with_map"] == 10
@@ -431,6 +435,7 @@ def test_add_arguments_declares_the_options():
     assert not args.no_map_metrics
 
 
+@pytest.mark.slow  # trains, saves and explains through the command line
 def test_explain_command_on_a_trained_checkpoint(tmp_path, capsys):
     """`saljax train` then `saljax explain` on its work directory, through the real CLI."""
     from saljax import cli
@@ -483,6 +488,7 @@ def test_rrr_gradient_is_the_summed_log_softmax_gradient_over_channels(model):
     np.testing.assert_allclose(out["maps"]["rrr_gradient"], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.xdist_group("explain_report")
 def test_new_localisation_columns_agree_with_the_metric_functions(report, model):
     summary, _ = report
     per_image = summary["per_image"]
@@ -498,6 +504,7 @@ def test_new_localisation_columns_agree_with_the_metric_functions(report, model)
         np.testing.assert_allclose(per_image[f"gradient/{name}"], expected, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.xdist_group("explain_report")
 def test_cd_share_is_cdeps_share_of_the_true_class_logit(report, model):
     """The CD share column: sigmoid(beta - gamma) of the true class, with beta due to (1 - H) * x."""
     summary, _ = report

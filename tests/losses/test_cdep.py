@@ -79,7 +79,7 @@ def _tiny(name, dtype):
 
 # nnx.BatchNorm keeps float32 running statistics in a float64 model; the update warns, harmlessly here.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
-@pytest.mark.parametrize("name", ["simple_cnn", "xil_cnn"])
+@pytest.mark.parametrize("name", ["simple_cnn", pytest.param("xil_cnn", marks=pytest.mark.slow)])  # 4 s each
 def test_gradients_match_finite_differences(name, x64):
     model, (b, h, w, c) = _tiny(name, jnp.float64)
     model.train()

@@ -56,7 +56,9 @@ def _close(a, b, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 5e-5)])
-@pytest.mark.parametrize("name, train", [("simple_cnn", True), ("simple_cnn", False), ("resnet18", True)])
+# ResNet-18 (the max-pool and residual rules inside the one-pass step) compiles for 20-40 s: slow.
+@pytest.mark.parametrize("name, train", [("simple_cnn", True), ("simple_cnn", False),
+                                         pytest.param("resnet18", True, marks=pytest.mark.slow)])
 def test_one_pass_equals_two_passes(name, train, dtype, tol):
     with jax.enable_x64(dtype == jnp.float64):
         model, (b, h, w, c) = _model(name, dtype)

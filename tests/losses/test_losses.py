@@ -224,7 +224,13 @@ _PENALTIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_PENALTIES))
+# A penalty's options (norm, reduction, blur, the CAM's class) and the two Divisive Decisions losses beside
+# dd_divergence reuse a second-order path checked here; their values are hand-computed above. Their
+# finite-difference checks (2 s each) run in the slow tier.
+_VARIANTS = {"gradmask_l2_mean_positives", "gradmask_nonhealthy_blur", "cyborg_pred", "dd_difference", "dd_paired"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in _VARIANTS)) for n in sorted(_PENALTIES)])
 def test_second_order_gradients_match_finite_differences(name, x64):
     params = make_conv_params(jax.random.key(7), in_channels=1, dtype=jnp.float64)
     batch = make_batch(jax.random.key(8), b=3, h=4, w=4, c=1, dtype=jnp.float64, has_map=(1, 1, 0))

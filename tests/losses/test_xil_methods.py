@@ -291,6 +291,7 @@ def test_batchnorm_statistics_change_once(method):
 
 # nnx.BatchNorm keeps float32 running statistics in a float64 model; the update warns, harmlessly here.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+@pytest.mark.slow  # a third-order program compiled for finite differences
 def test_rbr_through_train_mode_batchnorm_matches_finite_differences(x64):
     """Third order through train-mode BatchNorm (where PyTorch's autograd drops the batch statistics'
     dependence; see the parity test): the conv bias, removed by BatchNorm, gets exactly no gradient."""

@@ -117,8 +117,7 @@ MODELS = {
 
 
 def _decompose_and_forward(model, x, region):
-    """(feature parts, logit parts, features, logits) in one program, compiled without LLVM optimisations
-    (it runs once; compiling dominates)."""
+    """(feature parts, logit parts, features, logits) in one program."""
     graphdef, state = nnx.split(model)
 
     def run(state, x, region):
@@ -126,8 +125,7 @@ def _decompose_and_forward(model, x, region):
         feature_parts = cd.decompose(m, x, region, at="features")
         return feature_parts, m.decompose_head(feature_parts), m.features(x), m(x)
 
-    compiled = jax.jit(run).lower(state, x, region).compile(compiler_options={"xla_backend_optimization_level": 0})
-    return compiled(state, x, region)
+    return jax.jit(run)(state, x, region)
 
 
 # Every model in float64, eval and train mode. float32: eval mode, and train mode where the BatchNorm
@@ -136,9 +134,14 @@ def _decompose_and_forward(model, x, region):
 RUNS = [(c, train, "float64", 1e-10) for c in MODELS for train in (False, True)]
 RUNS += [(c, False, "float32", 1e-5) for c in MODELS]
 RUNS += [(c, True, "float32", 1e-5) for c in ("simple_gap", "r18_cifar", "xil_cnn")]
+# Slow: ResNet-50 (its bottleneck blocks use the rules the ResNet-18 cases check; 5-7 s each), ResNet-18's
+# cifar stem (the imagenet-stem cases check the same blocks and the max-pool too) and the float32 repeats
+# beyond one model (rounding, not another rule).
+_SLOW = [c in ("r50", "r18_cifar") or (d == "float32" and c != "simple_gap") for c, _, d, _ in RUNS]
 
 
-@pytest.mark.parametrize("config, train, dtype, tol", RUNS,
+@pytest.mark.parametrize("config, train, dtype, tol",
+                         [pytest.param(*r, marks=[pytest.mark.slow] * s) for r, s in zip(RUNS, _SLOW, strict=True)],
                          ids=[f"{c}-{'train' if t else 'eval'}-{d}" for c, t, d, _ in RUNS])
 def test_every_model_decomposes_into_parts_that_add_up_to_the_forward_pass(config, train, dtype, tol):
     name, kwargs, shape = MODELS[config]
@@ -270,7 +273,7 @@ def test_update_stats_under_jit_is_a_constant_for_the_gradient(x64):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), new_state,
                  nnx.split(want, nnx.Param, ...)[2])
     # the same gradient as without the update
-    plain = jax.grad(lambda p: jnp.sum(jnp.subtract(*cd.decompose(nnx.merge(graphdef, p, state, copy=True), x, region))))
+    plain = jax.jit(jax.grad(lambda p: jnp.sum(jnp.subtract(*cd.decompose(nnx.merge(graphdef, p, state, copy=True), x, region)))))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, plain(params))
 
 

@@ -82,7 +82,8 @@ def float64_runs(tmp_path_factory):
     return root, data_dir, cases, results
 
 
-@pytest.mark.parametrize("form", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
+@pytest.mark.slow  # three float64 trainings and a stacked one
+@pytest.mark.parametrize("form", ["vmap", "map"])
 def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, form):
     root, data_dir, cases, alone = float64_runs
     names = ["s0", "s1"]
@@ -98,6 +99,7 @@ def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, fo
     assert _max_difference(_state(root / form / "s0"), _state(root / form / "s1")) > 1e-3
 
 
+@pytest.mark.slow  # three float64 trainings and a vmapped one
 def test_a_loss_option_sweep_in_one_program_equals_its_separate_runs_float64(float64_runs):
     root, data_dir, cases, alone = float64_runs
     names = ["s0", "s0_lam100"]

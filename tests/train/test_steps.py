@@ -74,6 +74,7 @@ def test_fraction_inside_and_roc_auc_on_known_answers():
         metrics.roc_auc([0.1, 0.2], [0, 1, 1])
 
 
+@pytest.mark.slow  # the demo command end to end: two trainings
 def test_cli_demo_prints_the_table(capsys):
     assert cli.main(["demo", "--steps", "3"]) == 0
     out = capsys.readouterr().out
