@@ -327,13 +327,18 @@ class CombineVariantsTest(chex.TestCase):
 def test_for_method_builds_every_method():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
-    for method in losses.METHODS:
-        if method == "cdep":  # needs an nnx model's contextual decomposition: built in test_cdep.py
-            continue
-        loss = losses.for_method(method)
-        # Terms that keep state (ActDiff's discriminator) read it from term_state.
-        states = loss.init_state(bound_conv_classifier(params), batch["image"], key=jax.random.key(3)) if loss.needs_state else None
-        value, _ = jax.jit(lambda p, loss=loss, s=states: loss(bound_conv_classifier(p), batch, key=jax.random.key(2), term_state=s))(params)
+    # cdep needs an nnx model's contextual decomposition: built in test_cdep.py
+    built = {method: losses.for_method(method) for method in losses.METHODS if method != "cdep"}
+    # Terms that keep state (ActDiff's discriminator) read it from term_state.
+    states = {method: loss.init_state(bound_conv_classifier(params), batch["image"], key=jax.random.key(3))
+              for method, loss in built.items() if loss.needs_state}
+
+    @jax.jit  # every method in one program: one compilation instead of one per method
+    def values(p):
+        return {method: loss(bound_conv_classifier(p), batch, key=jax.random.key(2), term_state=states.get(method))[0]
+                for method, loss in built.items()}
+
+    for method, value in values(params).items():
         assert np.isfinite(value), method
     cyborg = losses.for_method("cyborg", alpha=0.25)
     assert [(t.name, t.weight) for t in cyborg.terms] == [("ce", 0.25), ("cyborg", 0.75)]
