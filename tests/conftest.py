@@ -114,3 +114,28 @@ def make_batch(key, b=4, h=6, w=6, c=1, num_classes=2, dtype=jnp.float32, has_ma
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def slow_where(cases, is_slow):
+    """Parametrize values, each marked `slow` where `is_slow(case)`; a tuple case is its arguments."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=[pytest.mark.slow] * bool(is_slow(c)))
+            for c in cases]
+
+
+def assert_conv_matches_lax_to_second_order(conv, x, w, strides, padding) -> str:
+    """`conv` (a stand-in for lax.conv_general_dilated; NHWC, HWIO) against lax: values (1e-12) and
+    both gradients of an input-gradient penalty (double backprop, 1e-10). Returns `conv`'s jaxpr as text."""
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated
+
+    def penalty(conv, x, w):
+        # A GradMask-like loss: the squared input gradient of a nonlinear readout.
+        out = lambda x: jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=dims)))  # noqa: E731
+        return jnp.sum(jax.grad(out)(x) ** 2)
+
+    np.testing.assert_allclose(conv(x, w, strides, padding, dimension_numbers=dims),
+                               ref(x, w, strides, padding, dimension_numbers=dims), rtol=1e-12, atol=1e-12)
+    for argnum in (1, 2):
+        second = jax.jit(jax.grad(penalty, argnum), static_argnums=0)
+        np.testing.assert_allclose(second(conv, x, w), second(ref, x, w), rtol=1e-10, atol=1e-10)
+    return str(jax.make_jaxpr(lambda x, w: conv(x, w, strides, padding, dimension_numbers=dims))(x, w))

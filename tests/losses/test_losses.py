@@ -14,6 +14,7 @@ from conftest import (
     linear_classifier,
     make_batch,
     make_conv_params,
+    slow_where,
 )
 from flax import nnx
 
@@ -230,7 +231,7 @@ _PENALTIES = {
 _VARIANTS = {"gradmask_l2_mean_positives", "gradmask_nonhealthy_blur", "cyborg_pred", "dd_difference", "dd_paired"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] * (n in _VARIANTS)) for n in sorted(_PENALTIES)])
+@pytest.mark.parametrize("name", slow_where(sorted(_PENALTIES), _VARIANTS.__contains__))
 def test_second_order_gradients_match_finite_differences(name, x64):
     params = make_conv_params(jax.random.key(7), in_channels=1, dtype=jnp.float64)
     batch = make_batch(jax.random.key(8), b=3, h=4, w=4, c=1, dtype=jnp.float64, has_map=(1, 1, 0))

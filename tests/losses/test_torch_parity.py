@@ -254,10 +254,6 @@ def _draws(case: Case, dtype_name: str, batch: dict) -> dict[str, np.ndarray]:
                 for name, kind in DRAWS.get(case.method, [])}
 
 
-# The programs run once: LLVM's optimisations would cost more compile time than they save.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 def _saljax_side(model_key: str, dtype_name: str, weights: dict, batches: dict) -> dict[str, dict[str, np.ndarray]]:
     """{case id: {"loss", "logits", "term/<name>", "grad/<path>", "state/<path>"}} for one model and dtype.
 
@@ -287,8 +283,7 @@ def _saljax_side(model_key: str, dtype_name: str, weights: dict, batches: dict) 
                 out[case_id] = (value, aux.logits, aux.terms, grads, aux.state)
             return out
 
-        compiled = jax.jit(run).lower(params, state, jax_batches).compile(compiler_options=COMPILER_OPTIONS)
-        results = jax.device_get(compiled(params, state, jax_batches))
+        results = jax.device_get(jax.jit(run)(params, state, jax_batches))
     out = {}
     for case_id, (value, logits, terms, grads, new_state) in results.items():
         flat = {"loss": np.asarray(value), "logits": np.asarray(logits)}

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import slow_where
 from flax import nnx
 
 from saljax import models
@@ -137,11 +138,10 @@ RUNS += [(c, True, "float32", 1e-5) for c in ("simple_gap", "r18_cifar", "xil_cn
 # Slow: ResNet-50 (its bottleneck blocks use the rules the ResNet-18 cases check; 5-7 s each), ResNet-18's
 # cifar stem (the imagenet-stem cases check the same blocks and the max-pool too) and the float32 repeats
 # beyond one model (rounding, not another rule).
-_SLOW = [c in ("r50", "r18_cifar") or (d == "float32" and c != "simple_gap") for c, _, d, _ in RUNS]
+_SLOW_RUNS = slow_where(RUNS, lambda r: r[0] in ("r50", "r18_cifar") or (r[2] == "float32" and r[0] != "simple_gap"))
 
 
-@pytest.mark.parametrize("config, train, dtype, tol",
-                         [pytest.param(*r, marks=[pytest.mark.slow] * s) for r, s in zip(RUNS, _SLOW, strict=True)],
+@pytest.mark.parametrize("config, train, dtype, tol", _SLOW_RUNS,
                          ids=[f"{c}-{'train' if t else 'eval'}-{d}" for c, t, d, _ in RUNS])
 def test_every_model_decomposes_into_parts_that_add_up_to_the_forward_pass(config, train, dtype, tol):
     name, kwargs, shape = MODELS[config]

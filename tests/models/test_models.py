@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_conv_matches_lax_to_second_order, slow_where
 from flax import nnx
 
 from saljax import models
@@ -79,7 +80,7 @@ def probed():
 
 def _params(configs):
     """ResNet-50 builds and probes for 3-5 s on 2 cores: slow (ResNet-18 covers the shared blocks)."""
-    return [pytest.param(c, marks=[pytest.mark.slow] * c.startswith("r50")) for c in configs]
+    return slow_where(configs, lambda c: c.startswith("r50"))
 
 
 @pytest.mark.parametrize("config", _params(CONFIGS))
@@ -181,20 +182,7 @@ def test_strided_conv_as_matmul_matches_lax_to_second_order(kernel, stride, padd
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, 9, 8, 3), jnp.float64)
     w = jax.random.normal(kw, (kernel, kernel, 3, 4), jnp.float64)
-    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
-
-    def penalty(conv, x, w):
-        # A GradMask-like loss: the squared input gradient of a nonlinear readout.
-        out = lambda x: jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=dims)))
-        return jnp.sum(jax.grad(out)(x) ** 2)
-
-    ours, ref = models.conv.auto_conv_general_dilated, jax.lax.conv_general_dilated
-    np.testing.assert_allclose(ours(x, w, strides, padding, dimension_numbers=dims),
-                               ref(x, w, strides, padding, dimension_numbers=dims), rtol=1e-12, atol=1e-12)
-    for argnum in (1, 2):
-        second = jax.jit(jax.grad(penalty, argnum), static_argnums=0)
-        np.testing.assert_allclose(second(ours, x, w), second(ref, x, w), rtol=1e-10, atol=1e-10)
-    jaxpr = str(jax.make_jaxpr(lambda x, w: ours(x, w, strides, padding, dimension_numbers=dims))(x, w))
+    jaxpr = assert_conv_matches_lax_to_second_order(models.conv.auto_conv_general_dilated, x, w, strides, padding)
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
