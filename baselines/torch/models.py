@@ -261,7 +261,10 @@ class _ResNet(_Classifier):
         self.classifier = _linear(in_planes, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.activation(self.bn1(self.conv1(x)))
+        # Standard (NCHW-contiguous) memory: on AVX2 CPUs torch 2.13's oneDNN corrupts the heap in the
+        # backward pass of a channels_last 1x1 stride-2 convolution (the downsampling shortcut), and
+        # a batch permuted from NHWC (the second-pass terms' shuffled or noised images) is channels_last.
+        x = self.activation(self.bn1(self.conv1(x.contiguous())))
         if self.stem == "imagenet":
             x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
