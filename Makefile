@@ -33,7 +33,9 @@ demo: install
 # Every test, in parallel over the cores (pytest-xdist); `make test-fast` leaves out the slow end-to-end ones
 # and sends whole files to a worker, so that a module's fixtures and compiled programs are built once (the
 # full run balances single tests instead: its end-to-end modules are too long for one worker).
-test: install torch-env
+test:
+	@# The two environments build side by side (each install is mostly one process unpacking wheels).
+	$(MAKE) --no-print-directory -j2 install torch-env
 	SALJAX_TORCH_PYTHON=$(abspath $(TORCH_VENV)/bin/python) $(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 test-fast: install
