@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from conftest import TINY
 
 from saljax import experiment
@@ -26,6 +27,11 @@ def test_summarize_mean_std_and_t_interval():
     one = experiment.summarize([0.5])
     assert one["std"] == 0.0 and math.isnan(one["ci_low"])
     assert experiment.summarize([])["n"] == 0
+    # The interval's quantile is scipy.stats' Student t quantile at every sample size.
+    for n in (2, 5, 10, 30):
+        s = experiment.summarize(list(range(n)))
+        half = scipy.stats.t.ppf(0.975, n - 1) * s["std"] / math.sqrt(n)
+        np.testing.assert_allclose(s["ci_high"] - s["mean"], half, rtol=1e-12)
 
 
 def test_cells_round_trip():
