@@ -33,6 +33,7 @@ __all__ = [
     "JAX_ACTIVATIONS",
     "TorchRun",
     "torch_python",
+    "torch_env",
     "start_torch",
     "abstract_model",
     "flat_arrays",
@@ -67,6 +68,14 @@ def torch_python() -> str:
     return path
 
 
+def torch_env() -> dict[str, str]:
+    """The environment for the torch interpreter: this one's, with the repository first on PYTHONPATH
+    (so that `baselines.torch` imports); run it with `cwd=REPO_ROOT`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 class TorchRun:
     """A running `python -m baselines.torch.run`; `result()` waits and loads OUT.npz."""
 
@@ -75,12 +84,10 @@ class TorchRun:
         self._in = Path(self._dir.name) / "in.npz"
         self._out = Path(self._dir.name) / "out.npz"
         np.savez(self._in, spec=np.asarray(json.dumps(spec)), **arrays)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         self._timeout = timeout
         self._proc = subprocess.Popen(
             [torch_python(), "-m", "baselines.torch.run", str(self._in), str(self._out)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO_ROOT, env=torch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> dict[str, np.ndarray]:
         try:

@@ -282,9 +282,8 @@ def test_matches_pytorch_spectral_norm_bce_and_adam(x64, tmp_path):
             lambda a, b, s=state: adversarial.discriminator_step(s, a, b, jnp.ones(4), lam=lam, lr=lr), (0, 1),
             has_aux=True)(zs[i], z_ts[i])
         values.append(value), grads_z.append(g_z), grads_t.append(g_t)
-    root = HERE.parents[1]
     subprocess.run([python, str(HERE / "torch_discriminator_side.py"), str(tmp_path), str(lam), str(lr), str(steps)],
-                   check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, stdout=sys.stderr)
+                   check=True, cwd=bridge.REPO_ROOT, env=bridge.torch_env(), stdout=sys.stderr)
     for route in ("reference", "mirror"):
         out = np.load(tmp_path / f"{route}.npz")
         np.testing.assert_allclose(out["values"], np.asarray(values), rtol=1e-10, err_msg=route)

@@ -141,6 +141,6 @@ print("ok")
 
 
 def test_resnets_take_a_channels_last_batch():
-    done = subprocess.run([bridge.torch_python(), "-c", _CHANNELS_LAST], cwd=bridge.REPO_ROOT, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(bridge.REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([bridge.torch_python(), "-c", _CHANNELS_LAST], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
