@@ -16,7 +16,9 @@ $(VENV)/.installed: setup.cfg requirements.txt pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "saljax needs Python 3.12: none found (set PYTHON312=/path/to/python3.12)" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	@# --no-compile: byte-compiling every installed file takes longer than the install itself (Python
+	@# compiles the modules it imports on first use).
+	$(VENV)/bin/python -m pip install -q --no-compile -r requirements.txt
 	touch $@
 
 torch-env: $(TORCH_VENV)/.installed
@@ -24,7 +26,7 @@ torch-env: $(TORCH_VENV)/.installed
 $(TORCH_VENV)/.installed:
 	@test -n "$(PYTHON311)" || { echo "the PyTorch baseline needs Python 3.11: none found (set PYTHON311=/path/to/python3.11)" >&2; exit 1; }
 	test -x $(TORCH_VENV)/bin/python || $(PYTHON311) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install -q torch==2.13.0 numpy
+	$(TORCH_VENV)/bin/pip install -q --no-compile torch==2.13.0 numpy
 	touch $@
 
 demo: install
