@@ -120,9 +120,9 @@ def test_rbr_matches_reverse_mode_definition(x64):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
 
     s = lambda x: sum(jnp.sum(g) for g in jax.tree.leaves(jax.grad(ce)(params, x)))
-    influence = jax.grad(s)(batch["image"])
+    influence = jax.jit(jax.grad(s))(batch["image"])
     rrr_score = lambda x: jnp.sum(jax.nn.log_softmax(gap_dense_head(params, conv_features(params, x))))
-    ig = jax.grad(rrr_score)(batch["image"])
+    ig = jax.jit(jax.grad(rrr_score))(batch["image"])
     off = (1 - batch["saliency_map"])[..., None] * influence * ig
     expected = jnp.sum(batch["has_map"][:, None, None, None] * off**2)
     np.testing.assert_allclose(_value(losses.rbr(), bound_classifier(params), batch), expected, rtol=1e-10)
@@ -302,7 +302,7 @@ def test_rbr_through_train_mode_batchnorm_matches_finite_differences(x64):
     loss = losses.combine(losses.rbr(1.0))
     f = lambda p: loss(classifier.from_nnx(graphdef, p, state), batch)[0]
     jax.test_util.check_grads(jax.jit(f), (params,), order=1, modes=["rev"], eps=1e-5)
-    assert float(jnp.max(jnp.abs(jax.grad(f)(params)["conv"]["bias"][...]))) < 1e-12
+    assert float(jnp.max(jnp.abs(jax.jit(jax.grad(f))(params)["conv"]["bias"][...]))) < 1e-12
 
 
 # --- composition and presets --------------------------------------------------------------------------------
