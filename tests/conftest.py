@@ -16,6 +16,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from saljax import classifier  # noqa: E402
 
@@ -93,6 +94,11 @@ def bound_conv_classifier(params):
     """`conv_classifier` that also exposes its parameters (RBR, stateful terms), as `classifier.from_nnx` does."""
     return classifier.Classifier(lambda x: (conv_features(params, x), None), lambda a: gap_dense_head(params, a),
                                  params=params, rebind=bound_conv_classifier)
+
+
+# One ordinary forward pass of an nnx model, compiled (eagerly, each operation would compile on its own);
+# in train mode it moves the model's BatchNorm statistics, as the reference for "once per step".
+forward = nnx.jit(lambda model, images: model(images))
 
 
 def linear_classifier(matrix, offset):

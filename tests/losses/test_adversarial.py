@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import bound_conv_classifier, conv_features, make_batch, make_conv_params
+from conftest import bound_conv_classifier, conv_features, forward, make_batch, make_conv_params
 from flax import nnx
 
 from saljax import demo, losses, models, train
@@ -204,7 +204,7 @@ def test_batchnorm_statistics_move_once_per_step():
     optimizer = optax.sgd(0.0)
     data, model, model_def, state = _setup(loss, optimizer)
     once = train.merge(model_def, state, train=True)
-    nnx.jit(lambda m, x: m(x))(once, jnp.asarray(data["image"]))  # moves once's statistics
+    forward(once, jnp.asarray(data["image"]))
     expected = nnx.split(once, nnx.Param, ...)[2]
     state, _ = train.make_train_step(model_def, loss, optimizer)(state, data)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.model_state, expected)

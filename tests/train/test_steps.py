@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import forward
 from flax import nnx
 
 import saljax
@@ -38,7 +39,7 @@ def test_train_step_statistics_match_a_single_forward_pass():
     optimizer = optax.sgd(0.0)
     model_def, state = train.init_train_state(model, optimizer)
     once = train.merge(model_def, state, train=True)
-    nnx.jit(lambda m, x: m(x))(once, jnp.asarray(data["image"]))  # moves once's statistics
+    forward(once, jnp.asarray(data["image"]))
     expected = nnx.split(once, nnx.Param, ...)[2]
     state, _ = train.make_train_step(model_def, losses.for_method("rrr"), optimizer)(state, data)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.model_state, expected)
