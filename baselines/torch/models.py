@@ -234,11 +234,13 @@ class _ResNet(_Classifier):
         in_channels: int = 3,
         width: int = 64,
         stem: str | None = None,
+        stage_sizes: Sequence[int] | None = None,
         activation: str | Activation = "relu",
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         stem = stem or self._default_stem
+        stages = tuple(self._stage_sizes if stage_sizes is None else stage_sizes)
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {stem!r}")
         self.num_classes, self.in_channels, self.width, self.stem = num_classes, in_channels, width, stem
@@ -248,7 +250,7 @@ class _ResNet(_Classifier):
             in_channels, width, 3, 1, bias=False)
         self.bn1 = _bn(width)
         in_planes = width
-        for i, n_blocks in enumerate(self._stage_sizes):
+        for i, n_blocks in enumerate(stages):
             planes = width * 2**i
             blocks = []
             for j in range(n_blocks):
@@ -274,7 +276,7 @@ class _ResNet(_Classifier):
 
 
 class ResNet18(_ResNet):
-    """BasicBlock [2, 2, 2, 2], widths w, 2w, 4w, 8w; stem 'cifar' (default) or 'imagenet'."""
+    """BasicBlock [2, 2, 2, 2] (or `stage_sizes`), widths w, 2w, 4w, 8w; stem 'cifar' (default) or 'imagenet'."""
 
     _block = _BasicBlock
     _stage_sizes = (2, 2, 2, 2)
@@ -282,7 +284,7 @@ class ResNet18(_ResNet):
 
 
 class ResNet50(_ResNet):
-    """Bottleneck [3, 4, 6, 3] (v1.5), features 32*width; stem 'imagenet' (default) or 'cifar'."""
+    """Bottleneck [3, 4, 6, 3] (or `stage_sizes`) (v1.5), features 32*width; stem 'imagenet' (default) or 'cifar'."""
 
     _block = _Bottleneck
     _stage_sizes = (3, 4, 6, 3)

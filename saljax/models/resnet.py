@@ -7,6 +7,7 @@ Bengio, Cohen, ICLR 2021) for small images (28x28 or 32x32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -118,7 +119,7 @@ class ResNet(ImageClassifier):
     ``features``: ``(B, H, W, in_channels) -> (B, h, w, 8 * width * block.expansion)`` with
     ``h = ceil(H / 8)`` for ``stem='cifar'`` and ``ceil(H / 32)`` for ``stem='imagenet'``.
     Head: GAP + ``classifier`` Linear. A ResNet-34 is ``class ResNet34(ResNet): block =
-    BasicBlock; stage_sizes = (3, 4, 6, 3)``.
+    BasicBlock; stage_sizes = (3, 4, 6, 3)``, or ``ResNet18(stage_sizes=(3, 4, 6, 3), ...)``.
 
     State paths (torchvision-like): ``conv1``, ``bn1``, ``layer{1..4}.<j>.{conv1, bn1, conv2,
     bn2[, conv3, bn3], downsample_conv, downsample_bn}``, ``classifier.{kernel,bias}``.
@@ -130,6 +131,9 @@ class ResNet(ImageClassifier):
       in_channels: input channels (>= 1).
       width: base width; stage widths ``w, 2w, 4w, 8w`` (64 for the standard networks).
       stem: ``'cifar'`` or ``'imagenet'``; None: the class's ``default_stem``.
+      stage_sizes: blocks in each of the four stages; None: the class's (``(2, 2, 2, 2)`` for
+        ResNet-18). The first block of stages 2-4 downsamples, so any depth keeps the shapes
+        above; ``(1, 1, 1, 1)`` is the ResNet-10 of the literature.
       activation: nonlinearity used everywhere ReLU would be.
       zero_init_residual: zero-init the last BN scale of each residual branch (torchvision's
         option of the same name).
@@ -139,7 +143,8 @@ class ResNet(ImageClassifier):
     """
 
     block: ClassVar[type[BasicBlock]]
-    stage_sizes: ClassVar[tuple[int, ...]]
+    #: Blocks per stage: the class's default, and after ``__init__`` the instance's own.
+    stage_sizes: tuple[int, int, int, int]
     default_stem: ClassVar[str] = "imagenet"
 
     def __init__(
@@ -149,6 +154,7 @@ class ResNet(ImageClassifier):
         in_channels: int = 3,
         width: int = 64,
         stem: str | None = None,
+        stage_sizes: Sequence[int] | None = None,
         activation: _checks.Activation = nnx.relu,
         zero_init_residual: bool = False,
         conv_impl: str = "auto",
@@ -160,6 +166,11 @@ class ResNet(ImageClassifier):
         self.in_channels = _checks.positive_int("in_channels", in_channels)
         self.width = _checks.positive_int("width", width)
         self.stem = _checks.choice("stem", self.default_stem if stem is None else stem, STEMS)
+        if stage_sizes is not None:
+            sizes = _checks.positive_ints("stage_sizes", stage_sizes)
+            if len(sizes) != 4:
+                raise ValueError(f"stage_sizes must be four positive ints (one per stage), got {stage_sizes!r}")
+            self.stage_sizes = (sizes[0], sizes[1], sizes[2], sizes[3])
         self.activation = _checks.activation(activation)
         self.conv_impl = _checks.choice("conv_impl", conv_impl, conv_lib.CONV_IMPLS)
         self.dtype = _checks.float_dtype("dtype", dtype)

@@ -60,6 +60,10 @@ FLOOR = {"float64": 1e-6, "float32": 1e-3}
 # CAMs are not single pixels), widths 4 to 8. `image`: the batch's (B, H, W, C). ResNet50 uses a
 # smooth activation: with ReLU this tiny network is so ill-conditioned that PyTorch's own float32
 # gradients differ from its float64 ones by ~1e-3, which no float32 comparison could resolve.
+# The ResNets are shallow: every kind of block once, which is all the depth repeats (ResNet18: the
+# identity block, then a downsampling one per stage; ResNet50: a projecting bottleneck, an identity
+# one, then a downsampling one per stage). Compiling double backprop through the full depth cost
+# ~50 s more for no further check; the full networks' layout is checked in tests/models.
 MODELS = {
     "cnn": {"name": "simple_cnn", "kwargs": {"num_classes": 2, "in_channels": 3, "channels": [6, 8]},
             "image": (4, 16, 16, 3)},
@@ -67,11 +71,12 @@ MODELS = {
                 "kwargs": {"num_classes": 3, "in_channels": 2, "channels": [4, 6], "head_type": "mlp",
                            "mlp_hidden": 8, "input_size": [16, 12], "activation": "softplus"},
                 "image": (4, 16, 12, 2)},
-    "resnet18": {"name": "resnet18", "kwargs": {"num_classes": 2, "in_channels": 3, "width": 4, "stem": "cifar"},
+    "resnet18": {"name": "resnet18", "kwargs": {"num_classes": 2, "in_channels": 3, "width": 4, "stem": "cifar",
+                                                 "stage_sizes": [1, 1, 1, 1]},
                  "image": (4, 16, 16, 3)},
     "resnet50": {"name": "resnet50",
                  "kwargs": {"num_classes": 2, "in_channels": 3, "width": 4, "stem": "imagenet",
-                            "activation": "softplus"},
+                            "stage_sizes": [2, 1, 1, 1], "activation": "softplus"},
                  "image": (4, 33, 33, 3)},
     # XIL's DecoyMNIST CNN (VALID convs, ReLU, 2x2 max-pools, MLP head) and RRR's MLP: for CDEP.
     "xil": {"name": "xil_cnn", "kwargs": {"num_classes": 3, "in_channels": 1, "input_size": [16, 14],
@@ -160,7 +165,7 @@ CASES = [
     Case("cnn_mlp", "cnn_mlp", "rrr", {}),
     # The ResNets check the architectures (residuals, downsampling, both stems, max-pool, BatchNorm
     # everywhere) under double backprop and CAMs; every loss option is checked on SimpleCNN above.
-    # Compiling ResNet50's double backprop takes ~20 s per dtype, so it runs in float64 only.
+    # Compiling ResNet50's double backprop is the slowest of all cases, so it runs in float64 only.
     Case("resnet18", "resnet18", "gradmask", {}),
     Case("resnet18", "resnet18", "dd_divergence", {}),
     Case("resnet50", "resnet50", "rrr", {}, ("float64",)),

@@ -29,8 +29,12 @@ CONFIGS = {
     ),
     "r18_cifar": ("resnet18", dict(in_channels=3, width=4, stem="cifar"), (2, 16, 16, 3), (2, 2, 2, 32)),
     "r18_imagenet": ("resnet18", dict(in_channels=3, width=4, stem="imagenet"), (2, 32, 32, 3), (2, 1, 1, 32)),
-    "r50_imagenet": ("resnet50", dict(in_channels=2, width=4), (2, 16, 16, 2), (2, 1, 1, 128)),
-    "r50_cifar": ("resnet50", dict(in_channels=3, width=4, stem="cifar"), (2, 16, 16, 3), (2, 2, 2, 128)),
+    # ResNet-50 with an identity bottleneck and a downsampling one per stage (the full depth repeats them:
+    # see test_resnets_have_torchvisions_depth_and_parameter_count).
+    "r50_imagenet": ("resnet50", dict(in_channels=2, width=4, stage_sizes=(2, 1, 1, 1)), (2, 16, 16, 2),
+                     (2, 1, 1, 128)),
+    "r50_cifar": ("resnet50", dict(in_channels=3, width=4, stem="cifar", stage_sizes=(2, 1, 1, 1)), (2, 16, 16, 3),
+                  (2, 2, 2, 128)),
 }
 NUM_CLASSES = 3
 
@@ -79,7 +83,7 @@ def probed():
 
 
 def _params(configs):
-    """ResNet-50 builds and probes for 3-5 s on 2 cores: slow (ResNet-18 covers the shared blocks)."""
+    """ResNet-50 builds and probes for 2-4 s on 2 cores: slow (ResNet-18 covers the shared blocks)."""
     return slow_where(configs, lambda c: c.startswith("r50"))
 
 
@@ -150,6 +154,20 @@ def test_state_paths_and_initialisation():
     block = resnet50.layer2[0]  # v1.5: the stride sits on the 3x3 conv
     assert block.conv1.strides == (1, 1) and block.conv2.strides == (2, 2)
     assert block.conv3.kernel.shape == (1, 1, 8, 32)
+
+
+def test_resnets_have_torchvisions_depth_and_parameter_count():
+    """The full-size networks (abstract: nothing is allocated or compiled) against torchvision's parameter
+    counts; elsewhere the tests use narrower or shallower ResNets made of the same blocks."""
+    for cls, sizes, count in ((models.ResNet18, (2, 2, 2, 2), 11_689_512), (models.ResNet50, (3, 4, 6, 3), 25_557_032)):
+        model = nnx.eval_shape(lambda cls=cls: cls(num_classes=1000, stem="imagenet", rngs=nnx.Rngs(0)))
+        assert tuple(len(stage) for stage in model.stages) == sizes
+        assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == count
+    shallow = models.create("resnet18", num_classes=2, in_channels=3, width=2, stage_sizes=[1, 2, 1, 1],
+                            rngs=nnx.Rngs(0))
+    assert shallow.stage_sizes == (1, 2, 1, 1) and models.ResNet18.stage_sizes == (2, 2, 2, 2)
+    assert tuple(len(stage) for stage in shallow.stages) == (1, 2, 1, 1)
+    assert shallow.layer2[0].downsample_conv is not None and shallow.layer2[1].downsample_conv is None
 
 
 def test_stride2_conv_matches_symmetric_zero_padding():
@@ -326,6 +344,8 @@ def test_create_builds_every_model():
         ("resnet50", {"in_channels": 0}, "in_channels"),
         ("resnet18", {"stem": "tiny"}, r"stem.*'cifar', 'imagenet'"),
         ("resnet18", {"width": 0}, "width"),
+        ("resnet18", {"stage_sizes": (2, 2, 2)}, "stage_sizes.*four"),
+        ("resnet50", {"stage_sizes": (1, 0, 1, 1)}, "stage_sizes"),
         ("resnet18", {"dtype": jnp.int32}, "dtype"),
         ("resnet18", {"activation": "relu"}, "activation"),
         ("resnet18", {"head_type": "mlp"}, "head_type"),  # ResNets take no head_type

@@ -140,6 +140,24 @@ print("ok")
 """
 
 
+# The mirror's full-size ResNets have torchvision's parameter counts (the parity tests use shallow ones).
+_FULL_SIZE = """
+from baselines.torch import models
+for name, count in (("resnet18", 11_689_512), ("resnet50", 25_557_032)):
+    model = models.create(name, num_classes=1000, in_channels=3, stem="imagenet")
+    assert sum(p.numel() for p in model.parameters()) == count, name
+shallow = models.create("resnet50", num_classes=2, in_channels=3, width=4, stage_sizes=[2, 1, 1, 1])
+assert [len(stage) for stage in (shallow.layer1, shallow.layer2, shallow.layer3, shallow.layer4)] == [2, 1, 1, 1]
+print("ok")
+"""
+
+
+def test_full_size_resnets_have_torchvisions_parameter_count():
+    done = subprocess.run([bridge.torch_python(), "-c", _FULL_SIZE], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+
+
 def test_resnets_take_a_channels_last_batch():
     done = subprocess.run([bridge.torch_python(), "-c", _CHANNELS_LAST], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
                           capture_output=True, text=True, timeout=300)
