@@ -846,6 +846,7 @@ def test_load_model_with_a_corrupt_newest_uses_the_one_before(trained, tmp_path)
         train.load_model(run, step="first")
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_explain_falls_back_past_a_corrupt_best_checkpoint_and_rewrites_its_report_atomically(trained, tmp_path, capsys,
                                                                                             monkeypatch):
     run = _copy(trained, tmp_path)
@@ -878,6 +879,7 @@ def test_explain_falls_back_past_a_corrupt_best_checkpoint_and_rewrites_its_repo
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_a_non_finite_loss_stops_naming_the_term_and_saves_nothing_non_finite(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--config", f"{DIGITS}:ce", "--workdir", run,

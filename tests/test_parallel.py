@@ -27,6 +27,7 @@ def _assert_same(a, b):
         np.testing.assert_allclose(params_a[key], params_b[key], rtol=RTOL, atol=ATOL, err_msg=key)
 
 
+@pytest.mark.slow  # ~12 s on 2 cores
 def test_one_and_eight_devices_train_alike():
     assert jax.device_count() == 8
     one = run_steps(parallel.make_mesh(1))

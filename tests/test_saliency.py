@@ -66,6 +66,7 @@ def test_smoothgrad_of_a_linear_model_is_its_gradient():
         saliency.smoothgrad(model, x, target, key=key, nt_samples=4, nt_type="vargrad"), 0.0, atol=1e-5)
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_smoothgrad_matches_an_explicit_loop_over_noise_draws():
     params = make_conv_params(jax.random.key(0), in_channels=C, num_classes=K)
     model = lambda x: gap_dense_head(params, conv_features(params, x))
@@ -101,6 +102,7 @@ def test_integrated_gradients_of_a_linear_model_is_exact(method):
     np.testing.assert_allclose(attr, (x - baselines) * m[:, target].T.reshape(B, H, W, C), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_integrated_gradients_completeness(x64):
     params = make_conv_params(jax.random.key(0), in_channels=C, num_classes=K, dtype=jnp.float64)
     model = lambda x: gap_dense_head(params, conv_features(params, x))

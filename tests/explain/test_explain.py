@@ -217,6 +217,7 @@ def test_divergence_is_cam_difference_and_decomposes_the_margin(model):
     assert np.abs(expected).max() > 1e-3  # the identity is not trivially 0 = 0
 
 
+@pytest.mark.slow  # ~5 s on 2 cores
 def test_gradient_maps_match_the_saliency_module(model):
     batch = make_batches(n=4, batch=4)[0]
     x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
@@ -239,6 +240,7 @@ def test_gradient_maps_match_the_saliency_module(model):
             assert (value >= 0).all(), name
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_unrolled_and_scanned_steps_agree(model):
     batch = make_batches(n=4, batch=4)[0]
     methods = ("integrated_gradients", "smoothgrad")
@@ -253,6 +255,7 @@ def test_unrolled_and_scanned_steps_agree(model):
         np.testing.assert_allclose(unrolled["maps"][name], scanned["maps"][name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_eval_mode_leaves_the_model_alone_and_samples_independent():
     model = tiny_model()
     before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
@@ -265,6 +268,7 @@ def test_eval_mode_leaves_the_model_alone_and_samples_independent():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_uneven_batches_are_regrouped_in_order(model):
     config = explain.ExplainConfig(methods=("gradient", "divergence"), batch_size=4)
     uneven = explain.explain(model, make_batches(n=11, batch=3), config=config, num_images=0, progress=False)
@@ -289,8 +293,10 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
-# The tests that read the `report` fixture share a worker: it runs once, not once per worker.
+# The tests that read the `report` fixture share a worker: it runs once, not once per worker. Slow: the
+# fixture runs `explain.run` end to end (~17 s on 2 cores).
 @pytest.mark.xdist_group("explain_report")
+@pytest.mark.slow
 def test_run_writes_the_report(report):
     summary, out_dir = report
     files = summary["files"]
@@ -323,6 +329,7 @@ def test_run_writes_the_report(report):
 
 
 @pytest.mark.xdist_group("explain_report")
+@pytest.mark.slow
 def test_run_aggregates_and_ranking(report):
     summary, _ = report
     assert summary["num_images"] == 12 and summary["num_with_map"] == 10
@@ -490,6 +497,7 @@ def test_rrr_gradient_is_the_summed_log_softmax_gradient_over_channels(model):
 
 
 @pytest.mark.xdist_group("explain_report")
+@pytest.mark.slow
 def test_new_localisation_columns_agree_with_the_metric_functions(report, model):
     summary, _ = report
     per_image = summary["per_image"]
@@ -506,6 +514,7 @@ def test_new_localisation_columns_agree_with_the_metric_functions(report, model)
 
 
 @pytest.mark.xdist_group("explain_report")
+@pytest.mark.slow
 def test_cd_share_is_cdeps_share_of_the_true_class_logit(report, model):
     """The CD share column: sigmoid(beta - gamma) of the true class, with beta due to (1 - H) * x."""
     summary, _ = report

@@ -49,6 +49,7 @@ def _state(key, d=5, hidden=(6, 4), lr=1e-2):
     return state
 
 
+@pytest.mark.slow  # ~5 s on 2 cores
 def test_discriminator_apply_matches_hand_computed_spectral_norm(x64):
     state = _state(jax.random.key(0))
     state = jax.tree.map(lambda a: a.astype(jnp.float64), state)
@@ -65,6 +66,7 @@ def test_discriminator_apply_matches_hand_computed_spectral_norm(x64):
     assert np.abs(np.asarray(big["params"]["out"]["kernel"])).max() <= 1 / np.sqrt(32)
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_step_is_the_authors_game_hand_computed(x64):
     """D's Adam step on lam * (BCE(D z, 1) + BCE(D z~, 0)), then BCE(D' z, 0) + BCE(D' z~, 1), u advanced 4 times."""
     lam, lr = 2.0, 1e-2
@@ -96,6 +98,7 @@ def test_step_is_the_authors_game_hand_computed(x64):
     assert int(new["opt_state"][0].count) == 1
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_discriminator_learns_a_separable_toy():
     d = 5
     state = _state(jax.random.key(0), d=d, hidden=(16, 16), lr=1e-2)
@@ -112,6 +115,7 @@ def test_discriminator_learns_a_separable_toy():
     assert float(value) > 5.0 > float(first_value)  # ... so the classifier's (flipped-label) term grows
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_classifier_gradient_fools_the_updated_discriminator(x64):
     """Labels flipped, D' held constant: a descent step on z lowers D'(z), on z~ raises D'(z~); FD agree."""
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _state(jax.random.key(3)))
@@ -141,6 +145,7 @@ def test_classifier_gradient_fools_the_updated_discriminator(x64):
     assert np.all(logit(new["params"], u3, z_t - 1e-3 * g_t) > logit(new["params"], u3, z_t))
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_loss_term_matches_the_step_on_pooled_activations():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))
@@ -177,6 +182,7 @@ def _setup(loss, optimizer, n=16, channels=(4, 4, 4, 4)):
     return data, model, model_def, state
 
 
+@pytest.mark.slow  # ~10 s on 2 cores
 def test_train_step_carries_the_state_and_updates_every_k_steps():
     loss = losses.for_method("actdiff_discriminator", lam=1.0, update_every=3, lr=1e-2, hidden=(8,))
     optimizer = optax.adam(1e-2)
@@ -199,6 +205,7 @@ def test_train_step_carries_the_state_and_updates_every_k_steps():
     assert int(optax.tree_utils.tree_get(state.opt_state, "count")) == 2
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_batchnorm_statistics_move_once_per_step():
     loss = losses.for_method("actdiff_discriminator", hidden=(4,))
     optimizer = optax.sgd(0.0)
@@ -296,6 +303,7 @@ def test_matches_pytorch_spectral_norm_bce_and_adam(x64, tmp_path):
             np.testing.assert_allclose(out[f"u/{k}"], v, rtol=1e-8, err_msg=f"{route} u/{k}")
 
 
+@pytest.mark.slow  # ~8 s on 2 cores
 def test_checkpoint_round_trip_keeps_the_discriminator(tmp_path):
     from saljax import checkpoint
 

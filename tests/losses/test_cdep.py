@@ -94,6 +94,7 @@ def test_gradients_match_finite_differences(name, x64):
     jax.test_util.check_grads(f, (params,), order=1, modes=["rev"], eps=1e-6)
 
 
+@pytest.mark.slow  # ~3 s on 2 cores
 def test_batchnorm_statistics_change_exactly_once_per_step():
     model, (b, h, w, c) = _tiny("simple_cnn", jnp.float32)
     model.train()

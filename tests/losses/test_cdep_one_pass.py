@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import forward, make_batch
+from conftest import forward, make_batch, slow_where
 from flax import nnx
 
 from saljax import classifier, losses, models, train
@@ -58,10 +58,14 @@ def _close(a, b, tol):
     chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 5e-5)])
-# ResNet-18 (the max-pool and residual rules inside the one-pass step) compiles for 10-20 s: slow.
-@pytest.mark.parametrize("name, train", [("simple_cnn", True), ("simple_cnn", False),
-                                         pytest.param("resnet18", True, marks=pytest.mark.slow)])
+# One case in the fast tier (3-7 s each on 2 cores; ResNet-18, with the max-pool and residual rules inside
+# the one-pass step, 10-20 s).
+_ONE_PASS_CASES = [(name, train, dtype, tol) for name, train in (("simple_cnn", True), ("simple_cnn", False), ("resnet18", True))
+                   for dtype, tol in ((jnp.float64, 1e-10), (jnp.float32, 5e-5))]
+
+
+@pytest.mark.parametrize("name, train, dtype, tol",
+                         slow_where(_ONE_PASS_CASES, lambda c: c[:3] != ("simple_cnn", True, jnp.float64)))
 def test_one_pass_equals_two_passes(name, train, dtype, tol):
     with jax.enable_x64(dtype == jnp.float64):
         model, (b, h, w, c) = _model(name, dtype)
@@ -88,6 +92,7 @@ def test_one_pass_equals_two_passes(name, train, dtype, tol):
         chex.assert_trees_all_equal(nnx.split(model, nnx.Param, ...)[2], state)  # the module is untouched
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_cdep_alone_takes_one_pass_and_equals_two():
     model, (b, h, w, c) = _model("simple_cnn", jnp.float32)
     batch = make_batch(jax.random.key(2), b=b, h=h, w=w, c=c, num_classes=3, has_map=(1, 1, 0, 1))
@@ -98,6 +103,7 @@ def test_cdep_alone_takes_one_pass_and_equals_two():
     _close((v1, aux1.logits, aux1.state, g1), (v2, aux2.logits, aux2.state, g2), 2e-5)
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_an_input_gradient_term_falls_back_to_two_passes():
     model, (b, h, w, c) = _model("simple_cnn", jnp.float32)
     batch = make_batch(jax.random.key(1), b=b, h=h, w=w, c=c, num_classes=3)
@@ -111,6 +117,7 @@ def test_an_input_gradient_term_falls_back_to_two_passes():
     np.testing.assert_allclose(aux.terms["cdep"], alone, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_terms_that_do_not_declare_logits_only_fall_back():
     model, (b, h, w, c) = _model("simple_cnn", jnp.float32)
     batch = make_batch(jax.random.key(1), b=b, h=h, w=w, c=c, num_classes=3)
@@ -137,6 +144,7 @@ def test_the_one_pass_forward_refuses_what_it_lacks(read, what):
         loss(classifier.from_nnx(graphdef, params, state), batch)
 
 
+@pytest.mark.slow  # ~3 s on 2 cores
 def test_train_step_with_one_pass_cdep_moves_statistics_once():
     model, (b, h, w, c) = _model("simple_cnn", jnp.float32)
     batch = make_batch(jax.random.key(1), b=b, h=h, w=w, c=c, num_classes=3)

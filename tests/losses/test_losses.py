@@ -225,10 +225,11 @@ _PENALTIES = {
 }
 
 
-# A penalty's options (norm, reduction, blur, the CAM's class) and the two Divisive Decisions losses beside
-# dd_divergence reuse a second-order path checked here; their values are hand-computed above. Their
-# finite-difference checks (2 s each) run in the slow tier.
-_VARIANTS = {"gradmask_l2_mean_positives", "gradmask_nonhealthy_blur", "cyborg_pred", "dd_difference", "dd_paired"}
+# A penalty's options (norm, reduction, blur, the CAM's class), GradMask's MIDL form and the two Divisive
+# Decisions losses beside dd_divergence reuse a second-order path checked here; their values are
+# hand-computed above. Their finite-difference checks (2-4 s each) run in the slow tier.
+_VARIANTS = {"gradmask_l2_mean_positives", "gradmask_nonhealthy_blur", "gradmask_midl", "cyborg_pred", "dd_difference",
+             "dd_paired"}
 
 
 @pytest.mark.parametrize("name", slow_where(sorted(_PENALTIES), _VARIANTS.__contains__))
@@ -325,6 +326,7 @@ class CombineVariantsTest(chex.TestCase):
         np.testing.assert_allclose(value, eager, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~7 s on 2 cores
 def test_for_method_builds_every_method():
     params = make_conv_params(jax.random.key(0))
     batch = make_batch(jax.random.key(1))

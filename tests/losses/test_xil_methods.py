@@ -109,6 +109,7 @@ def test_constant_weights_drop_the_gradient_through_alpha():
 # --- RBR -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~5 s on 2 cores
 def test_rbr_matches_reverse_mode_definition(x64):
     """The JVP form of `s = sum of grad_theta CE` against its definition with a reverse-mode gradient."""
     params = make_conv_params(jax.random.key(7), dtype=jnp.float64)
@@ -376,6 +377,7 @@ def test_errors_before_tracing():
         losses.for_method("gain")
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_rbr_with_a_linen_classifier():
     import flax.linen as nn
 

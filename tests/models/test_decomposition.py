@@ -62,6 +62,7 @@ def test_conv_rule_adds_up_and_splits_the_bias_in_proportion(x64, conv_impl, str
         np.testing.assert_allclose(out[1], wg, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_dense_activation_pool_add_reshape_rules(x64):
     dense = models.layers.dense(5, 3, dtype=jnp.float64, param_dtype=jnp.float64,
                                 bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
@@ -138,10 +139,10 @@ def _decompose_and_forward(model, x, region):
 RUNS = [(c, train, "float64", 1e-10) for c in MODELS for train in (False, True)]
 RUNS += [(c, False, "float32", 1e-5) for c in MODELS]
 RUNS += [(c, True, "float32", 1e-5) for c in ("simple_gap", "r18_cifar", "xil_cnn")]
-# Slow: ResNet-50 (its bottleneck blocks use the rules the ResNet-18 cases check; 3-5 s each), ResNet-18's
-# cifar stem (the imagenet-stem cases check the same blocks and the max-pool too) and the float32 repeats
-# beyond one model (rounding, not another rule).
-_SLOW_RUNS = slow_where(RUNS, lambda r: r[0] in ("r50", "r18_cifar") or (r[2] == "float32" and r[0] != "simple_gap"))
+# Slow: the ResNets (3-9 s each on 2 cores; in the fast tier the other models check the conv, BatchNorm,
+# activation, pooling and dense rules, and only the residual addition waits for the slow tier) and the
+# float32 repeats beyond one model (rounding, not another rule).
+_SLOW_RUNS = slow_where(RUNS, lambda r: r[0].startswith(("r18", "r50")) or (r[2] == "float32" and r[0] != "simple_gap"))
 
 
 @pytest.mark.parametrize("config, train, dtype, tol", _SLOW_RUNS,
@@ -168,6 +169,7 @@ def test_every_model_decomposes_into_parts_that_add_up_to_the_forward_pass(confi
         assert logit_parts[0].dtype == logits.dtype
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_region_everywhere_gives_gamma_zero_and_beta_the_logits(x64):
     model = models.create("xil_cnn", num_classes=3, in_channels=1, input_size=16, channels=(2, 3), mlp_hidden=4,
                           rngs=nnx.Rngs(0), **F64)
@@ -260,6 +262,7 @@ def _assert_same_statistics(model, other):
         np.testing.assert_array_equal(getattr(model.bn, name)[...], getattr(other.bn, name)[...])
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_update_stats_under_jit_is_a_constant_for_the_gradient(x64):
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(2, 3), rngs=nnx.Rngs(0), **F64)
     graphdef, params, state = nnx.split(model, nnx.Param, ...)

@@ -156,7 +156,8 @@ def test_cam_methods_refuse_models_without_a_gap_head():
 
 @pytest.mark.parametrize("name, kwargs, shape", [
     ("simple_cnn", {"channels": (3, 4)}, (2, 8, 8, 2)),  # stride-2 convs with bias
-    ("xil_cnn", {"input_size": 16, "channels": (2, 3), "mlp_hidden": 4}, (2, 16, 16, 2)),  # stride-1 VALID convs
+    pytest.param("xil_cnn", {"input_size": 16, "channels": (2, 3), "mlp_hidden": 4}, (2, 16, 16, 2),  # stride-1 VALID
+                 marks=pytest.mark.slow),  # ~4 s on 2 cores
 ])
 def test_conv_impl_selects_the_convolution_and_keeps_parameters_and_values(name, kwargs, shape):
     built = {impl: models.create(name, num_classes=2, in_channels=2, conv_impl=impl, rngs=nnx.Rngs(0), **kwargs)
@@ -177,6 +178,7 @@ def test_conv_impl_selects_the_convolution_and_keeps_parameters_and_values(name,
         models.create(name, num_classes=2, in_channels=2, conv_impl="cudnn", rngs=nnx.Rngs(0), **kwargs)
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_matmul_conv_with_stride_one_matches_lax_to_second_order(x64):
     kx, kw = jax.random.split(jax.random.key(3))
     x = jax.random.normal(kx, (2, 9, 8, 3), jnp.float64)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from saljax import demo, losses, models, train
@@ -20,6 +21,7 @@ def _keyed_loss():
     return loss
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_a_loss_that_takes_a_key_gets_fold_in_key_step():
     data = demo.toy_decoy_set(8, seed=0, decoy_follows_label=True)
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4), rngs=nnx.Rngs(0))

@@ -33,6 +33,7 @@ def test_train_step_lowers_the_loss():
     assert bool(out["finite"])
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_train_step_statistics_match_a_single_forward_pass():
     data = _toy(16)
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(1))
@@ -45,6 +46,7 @@ def test_train_step_statistics_match_a_single_forward_pass():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.model_state, expected)
 
 
+@pytest.mark.slow  # ~5 s on 2 cores
 def test_eval_step_and_summary():
     data = _toy(32)
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(0))
