@@ -1,9 +1,10 @@
 """saljax against its PyTorch baseline (baselines.torch): same weights, same batch, same numbers.
 
-For every model (SimpleCNN with the GAP and the MLP head, ResNet18, ResNet50) and every loss (all
-`saljax.losses.METHODS` presets and their options), in float64 and in float32, with BatchNorm in
-train mode (and for CDEP also in eval mode), the loss value, each term, the logits, the gradient of
-every parameter and the updated BatchNorm statistics must agree:
+For every model (SimpleCNN with the GAP and the MLP head, ResNet18 and ResNet50 with one block of
+each kind per stage) and every loss (all `saljax.losses.METHODS` presets and their options), in
+float64 and in float32, with BatchNorm in train mode (and for CDEP also in eval mode), the loss
+value, each term, the logits, the gradient of every parameter and the updated BatchNorm statistics
+must agree:
 
     relative error = max |saljax - torch| / max(max |torch|, floor)   per tensor
     float64: <= 1e-5    float32: <= 1e-4
