@@ -19,7 +19,7 @@ def _model(name, dtype):
     if name == "simple_cnn":
         return models.SimpleCNN(in_channels=2, channels=(3, 4), **kw), (4, 8, 8, 2)
     # One block per stage (an identity block, then three downsampling ones): every rule the full depth
-    # repeats, at a third of the compile time.
+    # repeats, compiled in ~30% less time than (2, 2, 2, 2).
     kw["stage_sizes"] = (1, 1, 1, 1)
     if dtype == jnp.float64:  # imagenet stem: covers the max-pool rule too
         return models.ResNet18(in_channels=2, width=2, stem="imagenet", **kw), (4, 16, 16, 2)

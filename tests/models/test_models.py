@@ -164,8 +164,8 @@ def test_resnets_have_torchvisions_depth_and_parameter_count():
         model = nnx.eval_shape(lambda cls=cls: cls(num_classes=1000, stem="imagenet", rngs=nnx.Rngs(0)))
         assert tuple(len(stage) for stage in model.stages) == sizes
         assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == count
-    shallow = models.create("resnet18", num_classes=2, in_channels=3, width=2, stage_sizes=[1, 2, 1, 1],
-                            rngs=nnx.Rngs(0))
+    shallow = nnx.eval_shape(lambda: models.create("resnet18", num_classes=2, in_channels=3, width=2,
+                                                   stage_sizes=[1, 2, 1, 1], rngs=nnx.Rngs(0)))
     assert shallow.stage_sizes == (1, 2, 1, 1) and models.ResNet18.stage_sizes == (2, 2, 2, 2)
     assert tuple(len(stage) for stage in shallow.stages) == (1, 2, 1, 1)
     assert shallow.layer2[0].downsample_conv is not None and shallow.layer2[1].downsample_conv is None

@@ -152,13 +152,16 @@ print("ok")
 """
 
 
-def test_full_size_resnets_have_torchvisions_parameter_count():
-    done = subprocess.run([bridge.torch_python(), "-c", _FULL_SIZE], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
+def _assert_runs_in_torch(script: str) -> None:
+    """Runs `script` in the PyTorch interpreter; it must exit 0 and print exactly "ok"."""
+    done = subprocess.run([bridge.torch_python(), "-c", script], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+
+
+def test_full_size_resnets_have_torchvisions_parameter_count():
+    _assert_runs_in_torch(_FULL_SIZE)
 
 
 def test_resnets_take_a_channels_last_batch():
-    done = subprocess.run([bridge.torch_python(), "-c", _CHANNELS_LAST], cwd=bridge.REPO_ROOT, env=bridge.torch_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    _assert_runs_in_torch(_CHANNELS_LAST)
