@@ -106,6 +106,20 @@ def _checkpoint_kind(train_config: Any) -> str:
     return f"the best by {metric}, or the newest readable one" if metric else "the newest readable one"
 
 
+def _check_split_has_maps(builder: Any, split: str) -> None:
+    """Raises the ValueError that explaining would raise at the end when no image of `split` has a map.
+
+    Reads only `has_map`, stopping at the first image that has one: a split without maps would
+    otherwise cost a whole explanation pass before the error.
+    """
+    records = builder.as_data_source(split)
+    if not any(bool(records[i]["has_map"]) for i in range(len(records))):
+        raise ValueError(
+            f"no image of split {split!r} has a human saliency map (has_map is False for all {len(records)} "
+            "images), so the map metrics cannot be computed; pass --no-map-metrics to explain without them"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     """`saljax explain`: loads a checkpoint, explains a dataset split, writes the report.
 
@@ -150,6 +164,8 @@ def main(args: argparse.Namespace) -> int:
         split = ds["split"] or next((s for s in _DEFAULT_SPLITS if s in splits), splits[0])
         if split not in splits:
             raise ValueError(f"dataset {name!r} has no split {split!r}; it has {splits}")
+        if not args.no_map_metrics:
+            _check_split_has_maps(builder, split)
         loader = sd.make_loader(
             builder, split, args.batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
             mean=ds["mean"], std=ds["std"],

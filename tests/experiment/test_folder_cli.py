@@ -21,7 +21,8 @@ def _saljax() -> list[str]:
 
 
 def _folder(root: Path, n: int = 24, size: int = 12) -> Path:
-    """Grayscale 12x12 images of three classes (labels 'c0'..'c2'), a map each, a CSV with splits."""
+    """Grayscale 12x12 images of three classes (labels 'c0'..'c2'), a CSV with splits; the training and
+    validation images have a map, the test images none (as often when only some images were annotated)."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     (root / "maps").mkdir()
@@ -35,7 +36,7 @@ def _folder(root: Path, n: int = 24, size: int = 12) -> Path:
         Image.fromarray(image).save(root / "images" / f"{i}.png")
         Image.fromarray(mask).save(root / "maps" / f"{i}.png")
         split = "train" if i < 12 else ("validation" if i < 18 else "test")
-        rows.append(f"images/{i}.png,c{label},maps/{i}.png,{split}")
+        rows.append(f"images/{i}.png,c{label},{'' if split == 'test' else f'maps/{i}.png'},{split}")
     (root / "saliency.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -44,6 +45,7 @@ def _folder(root: Path, n: int = 24, size: int = 12) -> Path:
 def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from saljax import cli
+    from saljax.explain import command as explain_command
 
     folder = _folder(tmp_path / "my_data")
     run = tmp_path / "run"
@@ -59,8 +61,18 @@ def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path, monkey
     # The installed command once (above); explain and the stale case in-process, as the same entry point.
     monkeypatch.setenv("SALJAX_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
+    # The default split, test, has no maps: one line before anything is explained, naming the way out.
+    with monkeypatch.context() as m:
+        m.setattr(explain_command, "run", lambda *a, **k: pytest.fail("explained a split without maps"))
+        capsys.readouterr()
+        assert cli.main(["explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "saljax explain: no image of split 'test' has a human saliency map (has_map is False for all 6 images), so "
+        "the map metrics cannot be computed; pass --no-map-metrics to explain without them"), err
+    assert not (run / "explain").exists()
     code = cli.main(["explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress",
-                     "--methods", "gradient", "--batch-size", "8"])
+                     "--methods", "gradient", "--batch-size", "8", "--dataset", "saliency_folder:validation"])
     assert code == 0, capsys.readouterr().err[-3000:]
     report = (run / "explain" / "report.md").read_text()
     assert "Checkpoint:" in report and "step" in report
