@@ -52,6 +52,15 @@ def as_numpy_batch(
     return {"image": image, "label": label.astype(np.int32), "saliency_map": smap, "has_map": has_map, "group": group}
 
 
+def no_maps_error(split_name: str, num_images: int) -> ValueError:
+    """The error for a split in which no image has a human map (the map metrics need one)."""
+    return ValueError(
+        f"no sample of split {split_name!r} has a human saliency map (has_map is False for all {num_images} "
+        "images), so the map metrics cannot be computed; pass map_metrics=False (saljax explain "
+        "--no-map-metrics) to explain without them"
+    )
+
+
 def rebatch(
     batches: Iterable[dict[str, np.ndarray]], batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:

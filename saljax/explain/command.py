@@ -10,6 +10,7 @@ from typing import Any
 from saljax import data as sd
 from saljax import train
 from saljax import workdir as workdir_lib
+from saljax.explain.batches import no_maps_error
 from saljax.explain.report import format_stats, run
 from saljax.explain.settings import METHODS, ExplainConfig
 
@@ -107,17 +108,14 @@ def _checkpoint_kind(train_config: Any) -> str:
 
 
 def _check_split_has_maps(builder: Any, split: str) -> None:
-    """Raises the ValueError that explaining would raise at the end when no image of `split` has a map.
+    """Raises the error that explaining would raise at the end when no image of `split` has a map.
 
     Reads only `has_map`, stopping at the first image that has one: a split without maps would
     otherwise cost a whole explanation pass before the error.
     """
     records = builder.as_data_source(split)
     if not any(bool(records[i]["has_map"]) for i in range(len(records))):
-        raise ValueError(
-            f"no image of split {split!r} has a human saliency map (has_map is False for all {len(records)} "
-            "images), so the map metrics cannot be computed; pass --no-map-metrics to explain without them"
-        )
+        raise no_maps_error(split, len(records))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from saljax import metrics
-from saljax.explain.batches import as_numpy_batch, num_examples, rebatch
+from saljax.explain.batches import as_numpy_batch, no_maps_error, num_examples, rebatch
 from saljax.explain.engine import make_cd_share_fn, make_explain_fn, model_attr, resolve_methods, supports_decomposition
 from saljax.explain.settings import (
     MAP_METRICS,
@@ -311,11 +311,7 @@ def explain(
     for method, streamed in wrong_reason.items():
         per_image[f"{method}/wrong_reason"] = streamed.per_image()
     if config.map_metrics and not per_image["has_map"].any():
-        raise ValueError(
-            f"no sample of split {split_name!r} has a human saliency map (has_map is False for all "
-            f"{offset} images), so the map metrics cannot be computed; pass map_metrics=False "
-            "(saljax explain --no-map-metrics) to explain without them"
-        )
+        raise no_maps_error(split_name, offset)
     return ExplainResults(
         split=split_name,
         methods=methods,

@@ -68,8 +68,9 @@ def test_train_and_explain_a_folder_with_nothing_else_set(tmp_path: Path, monkey
         assert cli.main(["explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "saljax explain: no image of split 'test' has a human saliency map (has_map is False for all 6 images), so "
-        "the map metrics cannot be computed; pass --no-map-metrics to explain without them"), err
+        "saljax explain: no sample of split 'test' has a human saliency map (has_map is False for all 6 images), "
+        "so the map metrics cannot be computed; pass map_metrics=False (saljax explain --no-map-metrics) to explain "
+        "without them"), err
     assert not (run / "explain").exists()
     code = cli.main(["explain", "--checkpoint", str(run), "--out", str(run / "explain"), "--no-progress",
                      "--methods", "gradient", "--batch-size", "8", "--dataset", "saliency_folder:validation"])
