@@ -81,6 +81,23 @@ __all__ = [
     "contrast_score", "nonhealthy_score", "sum_log_softmax_score", "minmax_normalize",
 ]
 
+# --- saljax's table of defaults, read by path (this interpreter has no jax) ---------------------------------
+
+_TABLE_PATH = Path(__file__).resolve().parents[2] / "saljax" / "losses" / "preset_table.py"
+
+
+def _load_table() -> Any:
+    spec = importlib.util.spec_from_file_location("_saljax_preset_table", _TABLE_PATH)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load saljax's preset table from {_TABLE_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TABLE = _load_table()
+PRESETS: Mapping[str, Mapping[str, Any]] = _TABLE.PRESETS
+
 
 # --- terms ------------------------------------------------------------------------------------------------
 
@@ -93,12 +110,6 @@ def cross_entropy(weight: float = 1.0, *, reduction: str = "mean", name: str = "
         return per.mean() if reduction == "mean" else per.sum()
 
     return Term(name, fn, weight)
-
-
-_GRADMASK_DEFAULTS = {
-    "default": {"norm": "l1", "samples": "masked", "reduction": "sum"},
-    "midl": {"norm": "l2sq", "samples": "positives", "reduction": "sum"},
-}
 
 
 def gradmask(
@@ -114,7 +125,7 @@ def gradmask(
     name: str = "gradmask",
 ) -> Term:
     """GradMask: `sum_n m_n sum |(1 - H_n) g_n|` ('default') or CE * sum (y (1 - H) g)^2 ('midl')."""
-    defaults = _GRADMASK_DEFAULTS[_choice("variant", variant, tuple(_GRADMASK_DEFAULTS))]
+    defaults = _TABLE.GRADMASK_VARIANTS[_choice("variant", variant, tuple(_TABLE.GRADMASK_VARIANTS))]
     norm = _choice("norm", norm or defaults["norm"], ("l1", "l2sq"))
     samples = _choice("samples", samples or defaults["samples"], ("masked", "positives"))
     reduction = _choice("reduction", reduction or defaults["reduction"], ("sum", "mean"))
@@ -223,22 +234,7 @@ def dd_divergence(weight: float = 0.5, *, delta: float = 0.5, eps: float = 1e-8,
     return _cam_term(name, weight, per_sample, binary=True, eps=eps, antialias=antialias)
 
 
-# --- presets: saljax's table, read by path (this interpreter has no jax) -------------------------------------
-
-_TABLE_PATH = Path(__file__).resolve().parents[2] / "saljax" / "losses" / "preset_table.py"
-
-
-def _load_table() -> Any:
-    spec = importlib.util.spec_from_file_location("_saljax_preset_table", _TABLE_PATH)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load saljax's preset table from {_TABLE_PATH}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_TABLE = _load_table()
-PRESETS: Mapping[str, Mapping[str, Any]] = _TABLE.PRESETS
+# --- presets: the terms, by name, for saljax's table (loaded above) ------------------------------------------
 
 # The mirror of every term the table names, by name: defined in this module or in xil_losses.
 _TERMS: Mapping[str, Callable[..., Term]] = {

@@ -10,15 +10,11 @@ from saljax import batch as batch_lib
 from saljax import saliency
 from saljax.losses import _common
 from saljax.losses.base import Forward, Term, Value
+from saljax.losses.preset_table import GRADMASK_VARIANTS
 
 Batch = batch_lib.Batch
 
 __all__ = ["gradmask", "rrr", "rbr"]
-
-_GRADMASK_DEFAULTS = {
-    "default": {"norm": "l1", "samples": "masked", "reduction": "sum"},
-    "midl": {"norm": "l2sq", "samples": "positives", "reduction": "sum"},
-}
 
 
 def gradmask(
@@ -51,8 +47,8 @@ def gradmask(
     new work). `mask_dilation` (pixels) and `mask_blur` (Gaussian sigma, pixels) widen the lesion
     mask first. Samples without a map (`has_map` 0) get no penalty.
     """
-    _common.choice("variant", variant, tuple(_GRADMASK_DEFAULTS))
-    defaults = _GRADMASK_DEFAULTS[variant]
+    _common.choice("variant", variant, tuple(GRADMASK_VARIANTS))
+    defaults = GRADMASK_VARIANTS[variant]
     norm = _common.choice("norm", norm or defaults["norm"], ("l1", "l2sq"))
     samples = _common.choice("samples", samples or defaults["samples"], ("masked", "positives"))
     reduction = _common.choice("reduction", reduction or defaults["reduction"], ("sum", "mean"))

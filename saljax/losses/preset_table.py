@@ -56,6 +56,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shuffled_images": {"term": None, "transform": "shuffle_outside", "transform_of": "loss"},
 }
 
+# GradMask's two code versions, as its term's option defaults (`gradmask(variant=...)`): the authors' final code
+# ("default") and the code at submission time ("midl"); an option passed explicitly overrides them.
+GRADMASK_VARIANTS: dict[str, dict[str, str]] = {
+    "default": {"norm": "l1", "samples": "masked", "reduction": "sum"},
+    "midl": {"norm": "l2sq", "samples": "positives", "reduction": "sum"},
+}
+
 
 def build(method: str, options: dict[str, Any], *, combine: Any, cross_entropy: Any, terms: Any, transforms: Any,
           partial: Any) -> Any:
