@@ -19,6 +19,15 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from saljax import classifier  # noqa: E402
+from saljax.models import conv  # noqa: E402
+
+# In the test processes the models' default `conv_impl="auto"` runs XLA's convolution, as it does on GPU
+# and TPU. On CPU "auto" runs strided convolutions in the matmul form, which trains faster but compiles
+# about a third slower, and the tests compile far more than they run. The matmul form itself is checked
+# against XLA's to second order in tests/models; a test of the CPU default takes the `cpu_conv_default`
+# marker, and child processes (the folder's `saljax train`, the two-process training) keep the real default.
+_CPU_AUTO_CONV = conv.resolve("auto")
+conv._IMPLS["auto"] = conv.resolve("xla")  # private: the table behind `conv.resolve`
 
 # Tiny versions of the benchmark datasets and models (config overrides): seconds, not minutes, on 2 cores.
 TINY = {
@@ -114,6 +123,17 @@ def make_batch(key, b=4, h=6, w=6, c=1, num_classes=2, dtype=jnp.float32, has_ma
         "saliency_map": jax.random.uniform(k[1], (b, h, w), dtype),
         "has_map": jnp.asarray(np.resize(np.asarray(has_map, bool), b)),
     }
+
+
+@pytest.fixture(autouse=True)
+def _cpu_conv_default(request):
+    """A test marked `cpu_conv_default` builds its models with the real `conv_impl="auto"` (see above)."""
+    if request.node.get_closest_marker("cpu_conv_default") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(conv._IMPLS, "auto", _CPU_AUTO_CONV)
+        yield
 
 
 @pytest.fixture

@@ -900,7 +900,8 @@ def test_a_non_finite_loss_stops_naming_the_term_and_saves_nothing_non_finite(da
 
 @pytest.mark.slow
 def test_resume_after_sigkill_during_saves_is_bitwise_identical(data_dir, tmp_path):
-    steps = ["num_steps=240", "eval_every=240", "log_every=40", "checkpoint.every=40"]
+    # conv_impl named: the killed run is a child process, where "auto" keeps its CPU meaning (tests/conftest.py).
+    steps = ["num_steps=240", "eval_every=240", "log_every=40", "checkpoint.every=40", "model.kwargs.conv_impl='xla'"]
 
     def argv(run):
         return ["train", "--config", f"{DIGITS}:ce", "--workdir", str(run), *_overrides(data_dir, *steps)]

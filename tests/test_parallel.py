@@ -52,8 +52,8 @@ def _free_port():
 @pytest.mark.slow  # two Python processes, each starting JAX and compiling the step
 def test_two_processes_agree_with_one(tmp_path):
     port = _free_port()
+    # os.environ carries the tests' XLA_FLAGS (tests/conftest.py): the workers compile as this process does.
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py"), str(i), str(port), str(o)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i, o in enumerate(outs)]

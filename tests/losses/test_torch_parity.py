@@ -21,7 +21,9 @@ compared as it is.
 saljax runs as it is, float64 included; note that its models compute the head (GAP + Dense) and
 so the logits in float32 whatever `dtype` is, and its losses read maps as float32: in float64 the
 agreement is therefore ~1e-6, not ~1e-12 (the maps here hold float32 values, so both sides read
-the same maps).
+the same maps). Its convolutions are XLA's, as `conv_impl="auto"` runs them on GPU and TPU (see
+tests/conftest.py); the CPU's matmul form of strided convolutions is held to XLA's to second order
+in tests/models.
 
 The comparison methods that draw random numbers (ActDiff, SGT, counterexamples, shuffled images)
 use saljax's draws on both sides: saljax draws from `term_key(jax.random.key(KEY), name)` and the

@@ -43,6 +43,7 @@ def _assert_adds_up(parts, want, tol):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.cpu_conv_default  # "auto" as on CPU: the rule swaps its matmul form for XLA's convolution
 @pytest.mark.parametrize("conv_impl", models.CONV_IMPLS)
 @pytest.mark.parametrize("stride, padding, use_bias", [(2, "symmetric", True), (1, "valid", False)])
 def test_conv_rule_adds_up_and_splits_the_bias_in_proportion(x64, conv_impl, stride, padding, use_bias):

@@ -159,6 +159,7 @@ def test_cam_methods_refuse_models_without_a_gap_head():
     pytest.param("xil_cnn", {"input_size": 16, "channels": (2, 3), "mlp_hidden": 4}, (2, 16, 16, 2),  # stride-1 VALID
                  marks=pytest.mark.slow),  # ~4 s on 2 cores
 ])
+@pytest.mark.cpu_conv_default
 def test_conv_impl_selects_the_convolution_and_keeps_parameters_and_values(name, kwargs, shape):
     built = {impl: models.create(name, num_classes=2, in_channels=2, conv_impl=impl, rngs=nnx.Rngs(0), **kwargs)
              for impl in models.CONV_IMPLS}
