@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 MODULE = '''
 import os
 import pytest
@@ -29,6 +31,7 @@ def test_free(i):
 '''
 
 
+@pytest.mark.slow  # a second pytest on two workers (~10 s); `make test-fast` sends whole files to a worker anyway
 def test_grouped_tests_share_one_worker(tmp_path):
     (tmp_path / "test_module.py").write_text(MODULE)
     workers = tmp_path / "workers"
