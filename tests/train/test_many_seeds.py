@@ -83,6 +83,7 @@ def float64_runs(tmp_path_factory):
 
 
 @pytest.mark.slow  # three float64 trainings and a stacked one
+@pytest.mark.xdist_group("many_seeds_float64")  # one worker trains `float64_runs` once for all three
 @pytest.mark.parametrize("form", ["vmap", "map"])
 def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, form):
     root, data_dir, cases, alone = float64_runs
@@ -100,6 +101,7 @@ def test_seeds_in_one_program_equal_their_separate_runs_float64(float64_runs, fo
 
 
 @pytest.mark.slow  # three float64 trainings and a vmapped one
+@pytest.mark.xdist_group("many_seeds_float64")
 def test_a_loss_option_sweep_in_one_program_equals_its_separate_runs_float64(float64_runs):
     root, data_dir, cases, alone = float64_runs
     names = ["s0", "s0_lam100"]
