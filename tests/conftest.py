@@ -26,7 +26,6 @@ from saljax.models import conv  # noqa: E402
 # about a third slower, and the tests compile far more than they run. The matmul form itself is checked
 # against XLA's to second order in tests/models; a test of the CPU default takes the `cpu_conv_default`
 # marker, and child processes (the folder's `saljax train`, the two-process training) keep the real default.
-_CPU_AUTO_CONV = conv.resolve("auto")
 conv._IMPLS["auto"] = conv.resolve("xla")  # private: the table behind `conv.resolve`
 
 # Tiny versions of the benchmark datasets and models (config overrides): seconds, not minutes, on 2 cores.
@@ -132,7 +131,7 @@ def _cpu_conv_default(request):
         yield
         return
     with pytest.MonkeyPatch.context() as m:
-        m.setitem(conv._IMPLS, "auto", _CPU_AUTO_CONV)
+        m.setitem(conv._IMPLS, "auto", conv.auto_conv_general_dilated)
         yield
 
 
