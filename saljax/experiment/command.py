@@ -28,9 +28,11 @@ from saljax.experiment.runner import (
 
 def _enable_compilation_cache(workdir: str) -> None:
     # Every seed of a method compiles the same step: the persistent cache turns the repeats into loads.
-    # A cache the environment names already (JAX_COMPILATION_CACHE_DIR) is kept.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    # A cache the environment or the caller has set up already (JAX_COMPILATION_CACHE_DIR) is kept as it
+    # is, with its own settings.
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

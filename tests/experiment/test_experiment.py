@@ -133,9 +133,12 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_d
             "--out", str(out), *([] if figures else ["--no-figures"]),
             f"dataset.data_dir={suite_data_dirs[suite]!r}", "num_steps=3", "eval_every=3", "log_every=1",
             "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
+    cache = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     code = cli.main(argv)
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
+    # The caller's compilation cache (here the test session's, tests/conftest.py) is kept with its settings.
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == cache
     report = _check_page(str(out / f"{suite}.md"), min_seeds=1)
     assert list(report["runs"]) == [method]
     metrics = report["runs"][method][0]["metrics"]
