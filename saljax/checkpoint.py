@@ -177,6 +177,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, **kwargs)
         self._manager = ocp.CheckpointManager(root, options=options)
+        self.keep_best = keep_best
+        self._scores: dict[int, float] | None = None  # step -> best_metric of the ranked checkpoints; read on first use
 
     def _metric_of(self, metrics: Mapping[str, float]) -> float:
         return metrics[self.best_metric]
@@ -198,7 +200,32 @@ class Checkpointer:
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
+        scores = self._ranked() if self.best_metric else {}  # read before this save is in flight
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        if metrics is not None and self.best_metric:
+            scores[step] = metrics[self.best_metric]
+
+    def _ranked(self) -> dict[int, float]:
+        """step -> best_metric of the ranked checkpoints: read from disk on first use (before any save
+        of this object is in flight), then kept up to date by `save` and `move_aside`."""
+        if self._scores is None:
+            self._scores = {s: float(m[self.best_metric]) for s in self.steps()
+                            if (m := self._metrics(s)) and self.best_metric in m}
+        return self._scores
+
+    def ranks_among_best(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Whether checkpoint `step` with `metrics` would be kept among the `keep_best` best.
+
+        That is: fewer than `keep_best` checkpoints are ranked yet, or its `best_metric` is strictly
+        better than the `keep_best`-th best so far (a tie goes to the earlier step). The training
+        loop saves an evaluation's checkpoint only then (or when a save is due anyway): one that
+        would be deleted at once costs a full write. False without `best_metric` or `keep_best`.
+        """
+        if not self.best_metric or not self.keep_best:
+            return False
+        scored = [(s, v) for s, v in self._ranked().items() if s != step]
+        scored.append((step, float(metrics[self.best_metric])))
+        return step in _rank(scored, self.best_mode)[: self.keep_best]
 
     def _restore_state(self, step: int, abstract: Any, data_iterator: Any) -> Any:
         """Checkpoint `step` in the structure of `abstract` (and the iterator position, in place)."""
@@ -251,6 +278,7 @@ class Checkpointer:
         """Renames checkpoint `step` to `<step>.corrupt` (never deletes it); returns the new path."""
         target = _move_aside(os.fspath(self._manager.directory), step)
         self._manager.reload()
+        self._scores = None  # re-read: a checkpoint the policy had deleted may now rank among the best
         return target
 
     def restore(self, target: Any, *, data_iterator: Any = None, step: int | None = None,

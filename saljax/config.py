@@ -70,7 +70,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_every = 250  # also evaluates at the last step
     c.eval_batch_size = 256
     c.checkpoint = ml_collections.ConfigDict({
-        "every": 250,  # a checkpoint at each evaluation and every this many steps
+        # a checkpoint every this many steps and at the last; at an evaluation in between, when its
+        # best_metric ranks among the keep_best best so far (at each one without a best_metric)
+        "every": 250,
         "keep_best": 1,  # checkpoints kept by best_metric
         "keep_latest": 2,  # newest checkpoints kept (a fallback if the newest is corrupt)
         # <split>/<metric> of an evaluation that ranks checkpoints ("" for none); the best one's

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,8 @@ from saljax import workdir as workdir_lib
 from saljax.experiment.explained import explain_run, map_metric_names
 from saljax.experiment.stats import summarize
 from saljax.experiment.suite import Suite
+
+_log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"  # in each run's work directory once it has finished
 
@@ -141,6 +144,8 @@ def run_suite(
     vmapped program (`saljax.train.train_many`, stepping its runs as `form` says; each `wall_s` is
     then the program's time divided among its runs); without, one after another, seed-major. With a `sweep`, each method that
     takes the option trains once per value, as rows `<method>@<option>=<value>`; the others once.
+    `log` gets a line per finished run and per group started; the training loop's other messages
+    (each evaluation) go to this module's logger at DEBUG (`saljax -v experiment ...` shows them).
     """
     methods = check_selection(suite, methods, seeds)
     map_metric_names(suite)  # a misspelt map metric fails before any training
@@ -174,7 +179,7 @@ def run_suite(
             continue
         start = time.perf_counter()
         trained = train.train_many([t[2] for t in todo], [t[3] for t in todo], vmap=vmap, form=form,
-                                   log=lambda m: log(f"  {m}") if m.startswith("training ") else None)
+                                   log=lambda m: log(f"  {m}") if m.startswith("training ") else _log.debug(m))
         wall_s = (time.perf_counter() - start) / len(todo)
         for (row, seed, cfg, path), metrics in zip(todo, trained, strict=True):
             metrics |= explain_run(suite, path, suite.splits)

@@ -6,7 +6,9 @@ kept, and at the end it is evaluated too: model selection on the validation spli
 report test numbers (e.g. the test ROC AUC of the epoch with the best validation AUC, Viviano et
 al., "Saliency is a possible red herring when diagnosing poor generalization", ICLR 2021; the
 epoch with the best validation accuracy, Boyd et al., CYBORG, WACV 2023). Ties go to the earliest
-step.
+step. Checkpoints are written every `checkpoint.every` steps and at the last step; at the evaluations
+in between, only those that rank among the `keep_best` best so far (all of them without a
+`best_metric`), so that the latest checkpoint may be older than the latest evaluation.
 """
 
 from __future__ import annotations
@@ -282,9 +284,14 @@ def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], N
         return {ck.best_metric: results[ck.best_metric]}
 
     def save(step: int, state: Any, evaluation: Sequence[Mapping[str, float]] | None = None) -> None:
+        # An evaluation's checkpoint that would not rank among the best is not written unless a save is
+        # due anyway: Orbax would delete it at the next save, and at a paper's width (an evaluation
+        # every epoch, a 100 MB state per run) those writes cost more than the training.
+        due = step == config.num_steps or step % ck.every == 0 or not ck.best_metric
         for i, run in enumerate(runs):
-            run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator,
-                                  metrics=ranked(evaluation[i]) if evaluation else None)
+            metrics = ranked(evaluation[i]) if evaluation else None
+            if due or (metrics is not None and run.checkpointer.ranks_among_best(step, metrics)):
+                run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator, metrics=metrics)
 
     bar = tqdm(total=config.num_steps, initial=start, disable=not (config.progress and primary), unit="step",
                dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)

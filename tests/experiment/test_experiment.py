@@ -129,7 +129,7 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_d
     # In-process: a subprocess per case would pay the imports again each time.
     out = tmp_path / "out"
     figures = method == _suite(suite).methods[0]
-    argv = ["experiment", suite, "--seeds", "1", "--methods", method, "--workdir", str(tmp_path / "runs"),
+    argv = ["experiment", suite, *(["-v"] if figures else []), "--seeds", "1", "--methods", method, "--workdir", str(tmp_path / "runs"),
             "--out", str(out), *([] if figures else ["--no-figures"]),
             f"dataset.data_dir={suite_data_dirs[suite]!r}", "num_steps=3", "eval_every=3", "log_every=1",
             "batch_size=8", "eval_batch_size=16", "num_devices=1", *TINY[suite]]
@@ -151,6 +151,8 @@ def test_every_method_runs_through_the_cli(suite, method, tmp_path, suite_data_d
             assert suite_.key(f"{split}/{column}") in metrics, (split, column)
     assert len(report["figures"]) == (3 if figures else 0)
     assert "| method |" in printed.out  # the table is printed
+    # With -v, each evaluation is shown as the runs go (a vmapped group prints nothing else until it ends).
+    assert ("evaluation of checkpoint 3" in printed.err) == figures, printed.err[-3000:]
 
 
 @pytest.mark.parametrize("suite,method", TRACED_CASES)

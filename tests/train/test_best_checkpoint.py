@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from saljax import cli, config, train, writers
+from saljax import checkpoint, cli, config, train, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "decoy_digits.py:ce")
@@ -24,13 +24,24 @@ def _config(data_dir, *extra):
 
 
 @pytest.mark.slow
-def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path):
+def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path, monkeypatch):
     # best/* is the evaluation of the checkpoint with the best validation accuracy (ties and resumes:
-    # tests/test_bad_input.py)
-    acc = train.train_and_evaluate(_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.01"), tmp_path / "acc")
+    # tests/test_bad_input.py). With no regular save before the last step, an evaluation's checkpoint
+    # is written only when it beats every earlier one.
+    saved, save = [], checkpoint.Checkpointer.save
+
+    def recording_save(self, step, *args, **kwargs):
+        saved.append(step)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", recording_save)
+    acc = train.train_and_evaluate(_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.01",
+                                           "checkpoint.every=100"), tmp_path / "acc")
     rows = {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(tmp_path / "acc") if "validation/accuracy" in r}
     best = min((-v, s) for s, v in rows.items())[1]
     assert acc["best/step"] == best and acc["best/validation/accuracy"] == pytest.approx(rows[best])
+    records = [s for s in sorted(rows) if all(rows[s] > rows[t] for t in rows if t < s)]
+    assert saved == sorted({*records, 8}), rows  # here [2, 8]: accuracy falls after step 2
 
 
 def test_cli_prints_final_and_best_columns(capsys):
