@@ -282,7 +282,7 @@ def train_many(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     results: list[dict[str, float] | None] = [None] * len(configs)
     try:
         for config, path in zip(configs, paths, strict=True):
-            runs.append(loop.open_run(config, path, builder, log))
+            runs.append(loop.open_run(config, path, builder, log, read_ahead=len(configs) == 1))
         for start in sorted({r.start for r in runs}):  # runs stopped at different checkpoints: one group per step
             members = [i for i, r in enumerate(runs) if r.start == start]
             for indices, done in _train_members([runs[i] for i in members], members, option, builder, mesh, log, form):

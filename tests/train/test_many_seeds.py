@@ -9,7 +9,9 @@ SGD, not Adam: Adam divides each update by the gradient's running magnitude, so 
 near-zero gradient component moves that parameter by up to the learning rate (measured 6e-10 in
 float64 and 1e-2 in float32 after 6 Adam steps) - a property of Adam, not of the stacking.
 Bitwise is asserted where the same program runs: a resumed vmapped group against the run it
-continues, and a run that trains alone in both cases.
+continues, and a run that trains alone in both cases. A group's runs read their batches without
+grain's read threads (`open_run(read_ahead=False)`), separate runs with them: the agreement of
+every metrics row also checks that both read the same batches in the same order.
 """
 
 import json
