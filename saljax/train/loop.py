@@ -8,7 +8,8 @@ al., "Saliency is a possible red herring when diagnosing poor generalization", I
 epoch with the best validation accuracy, Boyd et al., CYBORG, WACV 2023). Ties go to the earliest
 step. Checkpoints are written every `checkpoint.every` steps and at the last step; at the evaluations
 in between, only those that rank among the `keep_best` best so far (all of them without a
-`best_metric`), so that the latest checkpoint may be older than the latest evaluation.
+`best_metric`; in a group of runs, all runs' when one of them ranks), so that the latest checkpoint
+may be older than the latest evaluation.
 """
 
 from __future__ import annotations
@@ -296,12 +297,14 @@ def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], N
     def save(step: int, state: Any, evaluation: Sequence[Mapping[str, float]] | None = None) -> None:
         # An evaluation's checkpoint that would not rank among the best is not written unless a save is
         # due anyway: Orbax would delete it at the next save, and at a paper's width (an evaluation
-        # every epoch, a 100 MB state per run) those writes cost more than the training.
+        # every epoch, a 100 MB state per run) those writes cost more than the training. The runs of a
+        # group save together when one of them ranks, so that an interrupted group resumes as one.
+        scores = [ranked(e) for e in evaluation] if evaluation else [None] * len(runs)
         due = step == config.num_steps or step % ck.every == 0 or not ck.best_metric
-        for i, run in enumerate(runs):
-            metrics = ranked(evaluation[i]) if evaluation else None
-            if due or (metrics is not None and run.checkpointer.ranks_among_best(step, metrics)):
-                run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator, metrics=metrics)
+        if not (due or any(s is not None and r.checkpointer.ranks_among_best(step, s) for r, s in zip(runs, scores))):
+            return
+        for i, (run, score) in enumerate(zip(runs, scores, strict=True)):
+            run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator, metrics=score)
 
     bar = tqdm(total=config.num_steps, initial=start, disable=not (config.progress and primary), unit="step",
                dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)

@@ -44,6 +44,30 @@ def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path, mon
     assert saved == sorted({*records, 8}), rows  # here [2, 8]: accuracy falls after step 2
 
 
+@pytest.mark.slow
+def test_a_group_saves_its_runs_together_when_one_ranks(data_dir, tmp_path, monkeypatch):
+    # Two seeds stepped as one program: an evaluation's checkpoints are written for both runs when
+    # either run's ranks among its best, so that an interrupted group resumes from one step.
+    saved, save = {}, checkpoint.Checkpointer.save
+
+    def recording_save(self, step, *args, **kwargs):
+        saved.setdefault(os.path.basename(os.path.dirname(self.directory + "/")), []).append(step)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", recording_save)
+    configs = [_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.03", "checkpoint.every=100", f"seed={s}")
+               for s in (0, 2)]
+    results = train.train_many(configs, [tmp_path / "s0", tmp_path / "s2"], form="vmap")
+    records = []
+    for name, result in zip(("s0", "s2"), results, strict=True):
+        rows = {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(tmp_path / name)
+                if "validation/accuracy" in r}
+        records.append({s for s in rows if all(rows[s] > rows[t] for t in rows if t < s)})
+        assert result["best/step"] == min((-v, s) for s, v in rows.items())[1]
+    assert records[0] != records[1], records  # here {2} and {2, 4, 6}: the runs rank at different steps
+    assert saved["s0"] == saved["s2"] == sorted(records[0] | records[1] | {8}), saved
+
+
 def test_cli_prints_final_and_best_columns(capsys):
     results = {"validation/accuracy": 0.5, "test/accuracy": 0.25, "final/step": 8.0,
                "best/validation/accuracy": 0.75, "best/test/accuracy": 0.5, "best/step": 4.0}
