@@ -8,9 +8,12 @@ stride-1 stem and no max-pool (width 64, one channel, two classes); Adam, batch 
 the 500 training images; the test ROC AUC of the checkpoint with the best validation AUC (evaluated
 every epoch). Per-method learning rates and penalty weights are the paper's tuned values.
 
-The suite (the paper's 10 seeds; sized for a GPU, `red_herring_cpu` is the CPU-sized variant):
+The suite (the paper's 10 seeds; sized for a GPU, `red_herring_cpu` is the CPU-sized variant). A
+method's 10 seeds train as one vmapped program (CE: 3.8 minutes on one H200); `-v` shows each
+evaluation as it goes:
 
     saljax experiment red_herring --seeds 10
+    saljax experiment red_herring -v --seeds 10 --methods gradmask
 """
 
 import ml_collections
