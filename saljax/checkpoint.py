@@ -193,10 +193,7 @@ class Checkpointer:
             raise NonFiniteError(f"not saving checkpoint {step}: non-finite values in {', '.join(bad[:5])}")
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
-            if self.best_metric not in metrics:
-                raise KeyError(f"metrics must hold the best_metric {self.best_metric!r}; got {sorted(metrics)}")
-            if not np.isfinite(metrics[self.best_metric]):
-                raise NonFiniteError(f"not saving checkpoint {step}: {self.best_metric} = {metrics[self.best_metric]}")
+            self._metric_value(step, metrics)
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
@@ -213,6 +210,15 @@ class Checkpointer:
                             if (m := self._metrics(s)) and self.best_metric in m}
         return self._scores
 
+    def _metric_value(self, step: int, metrics: Mapping[str, float]) -> float:
+        """`metrics[best_metric]`; KeyError without it, NonFiniteError when it is NaN or inf."""
+        if self.best_metric not in metrics:
+            raise KeyError(f"metrics must hold the best_metric {self.best_metric!r}; got {sorted(metrics)}")
+        value = float(metrics[self.best_metric])
+        if not np.isfinite(value):
+            raise NonFiniteError(f"not saving checkpoint {step}: {self.best_metric} = {value}")
+        return value
+
     def ranks_among_best(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Whether checkpoint `step` with `metrics` would be kept among the `keep_best` best.
 
@@ -220,11 +226,12 @@ class Checkpointer:
         better than the `keep_best`-th best so far (a tie goes to the earlier step). The training
         loop saves an evaluation's checkpoint only then (or when a save is due anyway): one that
         would be deleted at once costs a full write. False without `best_metric` or `keep_best`.
+        Raises as `save` would for these metrics (KeyError, NonFiniteError).
         """
         if not self.best_metric or not self.keep_best:
             return False
         scored = [(s, v) for s, v in self._ranked().items() if s != step]
-        scored.append((step, float(metrics[self.best_metric])))
+        scored.append((step, self._metric_value(step, metrics)))
         return step in _rank(scored, self.best_mode)[: self.keep_best]
 
     def _restore_state(self, step: int, abstract: Any, data_iterator: Any) -> Any:

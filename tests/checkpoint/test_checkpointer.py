@@ -88,3 +88,14 @@ def test_ranks_among_best_reads_the_checkpoints_already_on_disk(tmp_path):
         assert not ck.ranks_among_best(3, {METRIC: 1.0})
     with checkpoint.Checkpointer(tmp_path, best_metric="", async_save=False) as ck:
         assert not ck.ranks_among_best(3, {METRIC: 1.0})
+
+
+def test_ranks_among_best_refuses_what_save_refuses(tmp_path):
+    with checkpoint.Checkpointer(tmp_path, async_save=False) as ck:
+        with pytest.raises(KeyError, match="metrics must hold the best_metric 'validation/accuracy'"):
+            ck.ranks_among_best(1, {"validation/ce": 0.3})
+        with pytest.raises(checkpoint.NonFiniteError, match="validation/accuracy = nan"):
+            ck.ranks_among_best(1, {METRIC: float("nan")})
+        with pytest.raises(checkpoint.NonFiniteError, match="validation/accuracy = inf"):
+            ck.save(1, {"w": np.ones(2)}, metrics={METRIC: float("inf")})
+        assert ck.steps() == []
