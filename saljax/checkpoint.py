@@ -191,22 +191,23 @@ class Checkpointer:
         bad = non_finite_leaves(state)
         if bad:
             raise NonFiniteError(f"not saving checkpoint {step}: non-finite values in {', '.join(bad[:5])}")
+        score = None
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
-            self._metric_value(step, metrics)
+            score = self._metric_value(step, metrics)
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = _data_item(IteratorCheckpointSave, data_iterator)
-        scores = self._ranked() if self.best_metric else {}  # read before this save is in flight
+        scores = self._ranked() if self.best_metric else None  # read before this save is in flight
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
-        if metrics is not None and self.best_metric:
-            scores[step] = metrics[self.best_metric]
+        if scores is not None and score is not None:
+            scores[step] = score
 
     def _ranked(self) -> dict[int, float]:
         """step -> best_metric of the ranked checkpoints: read from disk on first use (before any save
         of this object is in flight), then kept up to date by `save` and `move_aside`."""
         if self._scores is None:
-            self._scores = {s: float(m[self.best_metric]) for s in self.steps()
+            self._scores = {s: float(self._metric_of(m)) for s in self.steps()
                             if (m := self._metrics(s)) and self.best_metric in m}
         return self._scores
 

@@ -23,49 +23,55 @@ def _config(data_dir, *extra):
                                 "checkpoint.keep_best=1", "checkpoint.keep_latest=1", *TINY["decoy_digits"], *extra])
 
 
-@pytest.mark.slow
-def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path, monkeypatch):
-    # best/* is the evaluation of the checkpoint with the best validation accuracy (ties and resumes:
-    # tests/test_bad_input.py). With no regular save before the last step, an evaluation's checkpoint
-    # is written only when it beats every earlier one.
-    saved, save = [], checkpoint.Checkpointer.save
-
-    def recording_save(self, step, *args, **kwargs):
-        saved.append(step)
-        return save(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", recording_save)
-    acc = train.train_and_evaluate(_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.01",
-                                           "checkpoint.every=100"), tmp_path / "acc")
-    rows = {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(tmp_path / "acc") if "validation/accuracy" in r}
-    best = min((-v, s) for s, v in rows.items())[1]
-    assert acc["best/step"] == best and acc["best/validation/accuracy"] == pytest.approx(rows[best])
-    records = [s for s in sorted(rows) if all(rows[s] > rows[t] for t in rows if t < s)]
-    assert saved == sorted({*records, 8}), rows  # here [2, 8]: accuracy falls after step 2
-
-
-@pytest.mark.slow
-def test_a_group_saves_its_runs_together_when_one_ranks(data_dir, tmp_path, monkeypatch):
-    # Two seeds stepped as one program: an evaluation's checkpoints are written for both runs when
-    # either run's ranks among its best, so that an interrupted group resumes from one step.
+@pytest.fixture
+def saved_steps(monkeypatch):
+    """Work directory name -> the steps `Checkpointer.save` was called with, in order."""
     saved, save = {}, checkpoint.Checkpointer.save
 
     def recording_save(self, step, *args, **kwargs):
-        saved.setdefault(os.path.basename(os.path.dirname(self.directory + "/")), []).append(step)
+        saved.setdefault(os.path.basename(self.directory), []).append(step)
         return save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", recording_save)
+    return saved
+
+
+def _accuracy_by_step(workdir) -> dict[int, float]:
+    return {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(workdir) if "validation/accuracy" in r}
+
+
+def _records(rows: dict[int, float]) -> set[int]:
+    """The steps whose accuracy beats every earlier one."""
+    return {s for s in rows if all(rows[s] > rows[t] for t in rows if t < s)}
+
+
+@pytest.mark.slow
+def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path, saved_steps):
+    # best/* is the evaluation of the checkpoint with the best validation accuracy (ties and resumes:
+    # tests/test_bad_input.py). With no regular save before the last step, an evaluation's checkpoint
+    # is written only when it beats every earlier one.
+    acc = train.train_and_evaluate(_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.01",
+                                           "checkpoint.every=100"), tmp_path / "acc")
+    rows = _accuracy_by_step(tmp_path / "acc")
+    best = min((-v, s) for s, v in rows.items())[1]
+    assert acc["best/step"] == best and acc["best/validation/accuracy"] == pytest.approx(rows[best])
+    assert saved_steps["acc"] == sorted(_records(rows) | {8}), rows  # here [2, 8]: accuracy falls after step 2
+
+
+@pytest.mark.slow
+def test_a_group_saves_its_runs_together_when_one_ranks(data_dir, tmp_path, saved_steps):
+    # Two seeds stepped as one program: an evaluation's checkpoints are written for both runs when
+    # either run's ranks among its best, so that an interrupted group resumes from one step.
     configs = [_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.03", "checkpoint.every=100", f"seed={s}")
                for s in (0, 2)]
     results = train.train_many(configs, [tmp_path / "s0", tmp_path / "s2"], form="vmap")
     records = []
     for name, result in zip(("s0", "s2"), results, strict=True):
-        rows = {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(tmp_path / name)
-                if "validation/accuracy" in r}
-        records.append({s for s in rows if all(rows[s] > rows[t] for t in rows if t < s)})
+        rows = _accuracy_by_step(tmp_path / name)
+        records.append(_records(rows))
         assert result["best/step"] == min((-v, s) for s, v in rows.items())[1]
     assert records[0] != records[1], records  # here {2} and {2, 4, 6}: the runs rank at different steps
-    assert saved["s0"] == saved["s2"] == sorted(records[0] | records[1] | {8}), saved
+    assert saved_steps["s0"] == saved_steps["s2"] == sorted(records[0] | records[1] | {8}), saved_steps
 
 
 def test_cli_prints_final_and_best_columns(capsys):
