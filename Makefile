@@ -9,6 +9,14 @@ PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versio
 # and fall back to the interpreters pyenv and Debian install.
 PYTHON312 := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/local/bin/python3.12 /usr/bin/python3.12,$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
 
+# Python compiles each module it imports to bytecode. Where writing that bytecode is switched off
+# (PYTHONDONTWRITEBYTECODE, as on some CI machines) every process compiles jax, flax and saljax again,
+# ~5 s of CPU each, and `make test` starts dozens of Python processes (test workers, command-line and
+# multi-process tests, data-loading workers, PyTorch). Keep the bytecode in one folder inside the
+# environment instead, away from the sources.
+unexport PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
+
 .PHONY: demo test test-fast lint install torch-env clean
 install: $(VENV)/.installed
 
