@@ -17,7 +17,7 @@ def run_steps(mesh, rows=slice(None)):
     Returns (losses per step, {parameter path: value}) for comparison across device counts.
     """
     data = demo.toy_decoy_set(GLOBAL_BATCH * STEPS, seed=3, decoy_follows_label=True)
-    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(0))
+    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4), rngs=nnx.Rngs(0))
     optimizer = optax.sgd(0.1)
     model_def, state = train.init_train_state(model, optimizer)
     step = train.make_train_step(model_def, losses.for_method("gradmask", lam=1.0, reduction="mean"), optimizer,

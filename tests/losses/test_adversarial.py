@@ -175,7 +175,7 @@ def _toy(n=16):
     return demo.toy_decoy_set(n, seed=0, decoy_follows_label=True)
 
 
-def _setup(loss, optimizer, n=16, channels=(4, 4, 4, 4)):
+def _setup(loss, optimizer, n=16, channels=(4, 4)):
     data = _toy(n)
     model = models.SimpleCNN(num_classes=2, in_channels=1, channels=channels, rngs=nnx.Rngs(0))
     model_def, state = train.init_train_state(model, optimizer, loss=loss, images=data["image"], key=KEY)
@@ -255,7 +255,7 @@ def test_bad_input_is_rejected_clearly():
         loss(bound_conv_classifier(params), batch, term_state=loss.init_state(bound_conv_classifier(params), batch["image"], key=KEY))
     with pytest.raises(ValueError, match=r"images must have shape \(B, H, W, C\); got \(6, 6\)"):
         loss.init_state(bound_conv_classifier(params), jnp.zeros((6, 6)), key=KEY)
-    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(0))
+    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="images must be given"):
         train.init_train_state(model, optax.sgd(0.1), loss=loss)
     model_def, plain = train.init_train_state(model, optax.sgd(0.1))

@@ -36,7 +36,7 @@ def test_train_step_lowers_the_loss():
 @pytest.mark.slow  # ~6 s on 2 cores
 def test_train_step_statistics_match_a_single_forward_pass():
     data = _toy(16)
-    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(1))
+    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4), rngs=nnx.Rngs(1))
     optimizer = optax.sgd(0.0)
     model_def, state = train.init_train_state(model, optimizer)
     once = train.merge(model_def, state, train=True)
@@ -49,7 +49,7 @@ def test_train_step_statistics_match_a_single_forward_pass():
 @pytest.mark.slow  # ~5 s on 2 cores
 def test_eval_step_and_summary():
     data = _toy(32)
-    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4, 4, 4), rngs=nnx.Rngs(0))
+    model = models.SimpleCNN(num_classes=2, in_channels=1, channels=(4, 4), rngs=nnx.Rngs(0))
     model_def, state = train.init_train_state(model, optax.sgd(0.1))
     eval_step = train.make_eval_step(model_def)
     batches = [{k: v[:20] for k, v in data.items()}, {k: v[20:] for k, v in data.items()}]
