@@ -294,14 +294,15 @@ def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], N
                              f" {sorted(results)}")
         return {ck.best_metric: results[ck.best_metric]}
 
-    def save(step: int, state: Any, evaluation: Sequence[Mapping[str, float]] | None = None) -> None:
+    def save(step: int, state: Any, evaluation: Sequence[Mapping[str, float]] | None = None, *, due: bool) -> None:
         # An evaluation's checkpoint that would not rank among the best is not written unless a save is
-        # due anyway: Orbax would delete it at the next save, and at a paper's width (an evaluation
-        # every epoch, a 100 MB state per run) those writes cost more than the training. The runs of a
-        # group save together when one of them ranks, so that an interrupted group resumes as one.
+        # `due` anyway (or nothing ranks them): Orbax would delete it at the next save, and at a paper's
+        # width (an evaluation every epoch, a 100 MB state per run) those writes cost more than the
+        # training. The runs of a group save together when one of them ranks, so that an interrupted
+        # group resumes as one.
         scores = [ranked(e) for e in evaluation] if evaluation else [None] * len(runs)
-        due = step == config.num_steps or step % ck.every == 0 or not ck.best_metric
-        if not (due or any(s is not None and r.checkpointer.ranks_among_best(step, s) for r, s in zip(runs, scores))):
+        if not (due or not ck.best_metric
+                or any(s is not None and r.checkpointer.ranks_among_best(step, s) for r, s in zip(runs, scores))):
             return
         for i, (run, score) in enumerate(zip(runs, scores, strict=True)):
             run.checkpointer.save(step, program.member(state, i), data_iterator=run.iterator, metrics=score)
@@ -323,7 +324,8 @@ def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], N
             pending = (step, out)
             window_steps += 1
             bar.update(1)
-            boundary = step == config.num_steps or step % config.eval_every == 0 or step % ck.every == 0
+            due = step == config.num_steps or step % ck.every == 0  # a regular save
+            boundary = due or step % config.eval_every == 0
             if step % config.log_every == 0 or boundary:
                 seconds = time.perf_counter() - window_start
                 fetched = [{k: float(v) for k, v in o.items()} for o in per_run(jax.device_get(out))]
@@ -346,9 +348,9 @@ def train_group(runs: Sequence[Run], program: Program, *, log: Callable[[str], N
                         f" {_format(evaluation)}")
                     if run.writer:
                         run.writer.write(step, evaluation)
-                save(step, state, last_eval)
-            elif step % ck.every == 0:
-                save(step, state)
+                save(step, state, last_eval, due=due)
+            elif due:
+                save(step, state, due=True)
         if pending is not None:
             check_pending(*pending)
         bar.close()

@@ -43,6 +43,11 @@ def _accuracy_by_step(workdir) -> dict[int, float]:
     return {r["step"]: r["validation/accuracy"] for r in writers.read_metrics(workdir) if "validation/accuracy" in r}
 
 
+def _best_step(rows: dict[int, float]) -> int:
+    """The step of the highest accuracy; ties go to the earliest."""
+    return min((-v, s) for s, v in rows.items())[1]
+
+
 def _records(rows: dict[int, float]) -> set[int]:
     """The steps whose accuracy beats every earlier one."""
     return {s for s in rows if all(rows[s] > rows[t] for t in rows if t < s)}
@@ -56,7 +61,7 @@ def test_the_default_metric_ranks_by_validation_accuracy(data_dir, tmp_path, sav
     acc = train.train_and_evaluate(_config(data_dir, "num_steps=8", "optimizer.learning_rate=0.01",
                                            "checkpoint.every=100"), tmp_path / "acc")
     rows = _accuracy_by_step(tmp_path / "acc")
-    best = min((-v, s) for s, v in rows.items())[1]
+    best = _best_step(rows)
     assert acc["best/step"] == best and acc["best/validation/accuracy"] == pytest.approx(rows[best])
     assert saved_steps["acc"] == sorted(_records(rows) | {8}), rows  # here [2, 8]: accuracy falls after step 2
 
@@ -72,7 +77,7 @@ def test_a_group_saves_its_runs_together_when_one_ranks(data_dir, tmp_path, save
     for name, result in zip(("s0", "s2"), results, strict=True):
         rows = _accuracy_by_step(tmp_path / name)
         records.append(_records(rows))
-        assert result["best/step"] == min((-v, s) for s, v in rows.items())[1]
+        assert result["best/step"] == _best_step(rows)
     assert records[0] != records[1], records  # here {2} and {2, 4, 6}: the runs rank at different steps
     assert saved_steps["s0"] == saved_steps["s2"] == sorted(records[0] | records[1] | {8}), saved_steps
 
