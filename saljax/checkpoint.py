@@ -215,7 +215,7 @@ class Checkpointer:
         """`metrics[best_metric]`; KeyError without it, NonFiniteError when it is NaN or inf."""
         if self.best_metric not in metrics:
             raise KeyError(f"metrics must hold the best_metric {self.best_metric!r}; got {sorted(metrics)}")
-        value = float(metrics[self.best_metric])
+        value = float(self._metric_of(metrics))
         if not np.isfinite(value):
             raise NonFiniteError(f"not saving checkpoint {step}: {self.best_metric} = {value}")
         return value
